@@ -1,0 +1,1 @@
+"""Example SageMaker-style model server: an iris classifier behind /invocations."""
