@@ -1,0 +1,1 @@
+"""SageMaker metric definitions and the recorder that the proxy writes into."""

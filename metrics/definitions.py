@@ -1,0 +1,123 @@
+"""Every metric the product exports: names, units, kinds and labels, in one place.
+
+The Prometheus exporter and the CloudWatch publisher both read these definitions;
+nothing else spells a metric name.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+
+class Kind(enum.Enum):
+    COUNTER = "counter"
+    GAUGE = "gauge"
+    HISTOGRAM = "histogram"
+
+
+@dataclass(frozen=True)
+class MetricDefinition:
+    """One metric.
+
+    ``prometheus_name`` is the exposed sample name (counters end in ``_total``);
+    ``cloudwatch_name`` and ``unit`` are what CloudWatch gets (``None``: Prometheus only);
+    ``labels`` are the Prometheus label names beyond ``endpoint_name`` and ``variant_name``.
+    """
+
+    prometheus_name: str
+    kind: Kind
+    help: str
+    cloudwatch_name: str | None = None
+    unit: str = "Count"
+    labels: tuple[str, ...] = ()
+
+
+# Labels every invocation metric carries; CloudWatch dimensions EndpointName and VariantName.
+VARIANT_LABELS = ("endpoint_name", "variant_name")
+
+INVOCATIONS = MetricDefinition(
+    "sagemaker_invocations_total", Kind.COUNTER,
+    "Requests sent to the model (invocation routes only).", "Invocations",
+)
+INVOCATION_4XX_ERRORS = MetricDefinition(
+    "sagemaker_invocation_4xx_errors_total", Kind.COUNTER,
+    "Invocations where the model returned a 4xx status.", "Invocation4XXErrors",
+)
+INVOCATION_5XX_ERRORS = MetricDefinition(
+    "sagemaker_invocation_5xx_errors_total", Kind.COUNTER,
+    "Invocations where the model returned a 5xx status.", "Invocation5XXErrors",
+)
+INVOCATION_MODEL_ERRORS = MetricDefinition(
+    "sagemaker_invocation_model_errors_total", Kind.COUNTER,
+    "Invocations with any non-2xx outcome, including refused, reset, timed-out and malformed model calls.",
+    "InvocationModelErrors",
+)
+INVOCATIONS_PER_INSTANCE = MetricDefinition(
+    "sagemaker_invocations_per_instance_total", Kind.COUNTER,
+    "Sum of 1/n per invocation, n being the live instance count of the variant at that moment.",
+    "InvocationsPerInstance",
+)
+MODEL_LATENCY = MetricDefinition(
+    "sagemaker_model_latency_microseconds", Kind.HISTOGRAM,
+    "Time spent waiting on the model, in microseconds.", "ModelLatency", "Microseconds",
+)
+OVERHEAD_LATENCY = MetricDefinition(
+    "sagemaker_overhead_latency_microseconds", Kind.HISTOGRAM,
+    "Time the proxy added to an invocation (total minus ModelLatency), in microseconds.",
+    "OverheadLatency", "Microseconds",
+)
+MODEL_FIRST_BYTE_LATENCY = MetricDefinition(
+    "sagemaker_model_first_byte_latency_microseconds", Kind.HISTOGRAM,
+    "For streamed responses: time from sending the request to the first body byte from the model, in microseconds.",
+    "ModelFirstByteLatency", "Microseconds",
+)
+CONCURRENT_REQUESTS_PER_MODEL = MetricDefinition(
+    "sagemaker_concurrent_requests_per_model", Kind.GAUGE,
+    "Invocations in flight.", "ConcurrentRequestsPerModel",
+)
+LIVE_INSTANCES = MetricDefinition(
+    "sagemaker_live_instances", Kind.GAUGE,
+    "Live model instances of the variant, the n of InvocationsPerInstance.",
+)
+REJECTED_REQUESTS = MetricDefinition(
+    "sagemaker_proxy_rejected_requests_total", Kind.COUNTER,
+    "Requests the proxy refused before calling the model, by reason.", labels=("reason",),
+)
+UPSTREAM_ERRORS = MetricDefinition(
+    "sagemaker_proxy_upstream_errors_total", Kind.COUNTER,
+    "Invocations that failed in the proxy's call to the model, by reason (the client got 502 or 504).",
+    labels=("reason",),
+)
+CLIENT_DISCONNECTS = MetricDefinition(
+    "sagemaker_proxy_client_disconnects_total", Kind.COUNTER,
+    "Invocations abandoned because the client disconnected while the model was working.",
+)
+
+INVOCATION_METRICS = (
+    INVOCATIONS,
+    INVOCATION_4XX_ERRORS,
+    INVOCATION_5XX_ERRORS,
+    INVOCATION_MODEL_ERRORS,
+    INVOCATIONS_PER_INSTANCE,
+    MODEL_LATENCY,
+    OVERHEAD_LATENCY,
+    CONCURRENT_REQUESTS_PER_MODEL,
+)
+ALL_METRICS = (
+    *INVOCATION_METRICS,
+    MODEL_FIRST_BYTE_LATENCY,
+    LIVE_INSTANCES,
+    REJECTED_REQUESTS,
+    UPSTREAM_ERRORS,
+    CLIENT_DISCONNECTS,
+)
+
+# Histogram buckets in microseconds: 100 us to 120 s for the model, 10 us to 1 s for the overhead.
+DEFAULT_MODEL_LATENCY_BUCKETS_US: tuple[float, ...] = (
+    100, 250, 500, 1_000, 2_500, 5_000, 10_000, 25_000, 50_000, 100_000, 250_000,
+    500_000, 1_000_000, 2_500_000, 5_000_000, 10_000_000, 30_000_000, 60_000_000, 120_000_000,
+)
+DEFAULT_OVERHEAD_LATENCY_BUCKETS_US: tuple[float, ...] = (
+    10, 25, 50, 100, 250, 500, 1_000, 2_500, 5_000, 10_000, 25_000, 50_000, 100_000, 250_000, 500_000, 1_000_000,
+)

@@ -1,0 +1,106 @@
+"""The in-memory side of the metrics: the request path records here in O(1); exporters read on their own schedule."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Literal
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from metrics import definitions as d
+
+
+def _labelled(metric: Counter | Gauge | Histogram, endpoint: str, variant: str):  # type: ignore[no-untyped-def]
+    return metric.labels(endpoint_name=endpoint, variant_name=variant)
+
+
+class InvocationRecorder:
+    """Records invocation outcomes for one variant into a Prometheus registry.
+
+    Label children are resolved once here, so recording is a handful of lock-protected additions.
+    """
+
+    def __init__(
+        self,
+        registry: CollectorRegistry,
+        *,
+        endpoint_name: str,
+        variant_name: str,
+        reject_reasons: Sequence[str],
+        upstream_error_reasons: Sequence[str],
+        model_latency_buckets: Sequence[float] = d.DEFAULT_MODEL_LATENCY_BUCKETS_US,
+        overhead_latency_buckets: Sequence[float] = d.DEFAULT_OVERHEAD_LATENCY_BUCKETS_US,
+    ) -> None:
+        labels = d.VARIANT_LABELS
+
+        def counter(m: d.MetricDefinition) -> Counter:
+            return Counter(m.prometheus_name, m.help, labels + m.labels, registry=registry)
+
+        def histogram(m: d.MetricDefinition, buckets: Sequence[float]) -> Histogram:
+            return Histogram(m.prometheus_name, m.help, labels, buckets=tuple(buckets), registry=registry)
+
+        def gauge(m: d.MetricDefinition, mode: Literal["livesum", "max"]) -> Gauge:
+            return Gauge(m.prometheus_name, m.help, labels, registry=registry, multiprocess_mode=mode)
+
+        e, v = endpoint_name, variant_name
+        self._invocations = _labelled(counter(d.INVOCATIONS), e, v)
+        self._errors_4xx = _labelled(counter(d.INVOCATION_4XX_ERRORS), e, v)
+        self._errors_5xx = _labelled(counter(d.INVOCATION_5XX_ERRORS), e, v)
+        self._model_errors = _labelled(counter(d.INVOCATION_MODEL_ERRORS), e, v)
+        self._per_instance = _labelled(counter(d.INVOCATIONS_PER_INSTANCE), e, v)
+        self._model_latency = _labelled(histogram(d.MODEL_LATENCY, model_latency_buckets), e, v)
+        self._overhead_latency = _labelled(histogram(d.OVERHEAD_LATENCY, overhead_latency_buckets), e, v)
+        self._first_byte = _labelled(histogram(d.MODEL_FIRST_BYTE_LATENCY, model_latency_buckets), e, v)
+        self._concurrent = _labelled(gauge(d.CONCURRENT_REQUESTS_PER_MODEL, "livesum"), e, v)
+        self._live_instances = _labelled(gauge(d.LIVE_INSTANCES, "max"), e, v)
+        self._client_disconnects = _labelled(counter(d.CLIENT_DISCONNECTS), e, v)
+        rejected = counter(d.REJECTED_REQUESTS)
+        upstream_errors = counter(d.UPSTREAM_ERRORS)
+        # Children created up front so every reason is exported as 0 before it first happens.
+        self._rejected = {r: rejected.labels(e, v, r) for r in reject_reasons}
+        self._upstream_errors = {r: upstream_errors.labels(e, v, r) for r in upstream_error_reasons}
+
+    def invocation_started(self) -> None:
+        self._concurrent.inc()
+
+    def invocation_finished(
+        self,
+        *,
+        status: int,
+        upstream_error: str | None,
+        model_us: int,
+        overhead_us: int,
+        instances: int,
+        first_byte_us: int | None = None,
+    ) -> None:
+        """One completed invocation: ``status`` is what the model returned, or the proxy's 502/504 when
+        ``upstream_error`` names the reason the model call failed."""
+        self._concurrent.dec()
+        self._invocations.inc()
+        self._per_instance.inc(1.0 / instances)
+        if upstream_error is not None:
+            self._upstream_errors[upstream_error].inc()
+            self._model_errors.inc()
+        elif not 200 <= status < 300:
+            self._model_errors.inc()
+            if 400 <= status < 500:
+                self._errors_4xx.inc()
+            elif status >= 500:
+                self._errors_5xx.inc()
+        self._model_latency.observe(model_us)
+        self._overhead_latency.observe(overhead_us)
+        if first_byte_us is not None:
+            self._first_byte.observe(first_byte_us)
+
+    def invocation_abandoned(self, *, instances: int) -> None:
+        """The client went away while the model worked: an invocation, with no error class and no latency."""
+        self._concurrent.dec()
+        self._invocations.inc()
+        self._per_instance.inc(1.0 / instances)
+        self._client_disconnects.inc()
+
+    def rejected(self, reason: str) -> None:
+        self._rejected[reason].inc()
+
+    def live_instances(self, n: int) -> None:
+        self._live_instances.set(n)

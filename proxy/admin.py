@@ -1,0 +1,60 @@
+"""The admin port: /metrics for Prometheus, /healthz (the proxy is alive), /readyz (the model answers its ping)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+
+from prometheus_client import CollectorRegistry
+from prometheus_client.exposition import choose_encoder
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from proxy.errors import UpstreamError
+from proxy.upstream import UpstreamClient
+
+READY_TIMEOUT_S = 2.0  # SageMaker's ping timeout
+
+
+def create_admin_app(
+    registry: Callable[[], CollectorRegistry],
+    upstream: UpstreamClient,
+    *,
+    ping_path: str,
+) -> Starlette:
+    """``registry`` is called per scrape, so a multiprocess collector can be built fresh each time."""
+
+    async def metrics(request: Request) -> Response:
+        encoder, content_type = choose_encoder(request.headers.get("accept", ""))
+        return Response(encoder(registry()), media_type=content_type)
+
+    async def healthz(request: Request) -> Response:
+        return JSONResponse({"status": "ok"})
+
+    async def readyz(request: Request) -> Response:
+        headers = [(b"host", upstream.authority)]
+        try:
+            async with asyncio.timeout(READY_TIMEOUT_S):
+                response = await upstream.request(b"GET", ping_path.encode(), headers, b"")
+                try:
+                    while await response.read():
+                        pass
+                finally:
+                    response.close()
+        except UpstreamError as e:
+            return JSONResponse({"status": "not ready", "reason": str(e)}, status_code=503)
+        except TimeoutError:
+            return JSONResponse({"status": "not ready", "reason": f"the model's {ping_path} took over {READY_TIMEOUT_S:g} s"}, status_code=503)
+        if response.status != 200:
+            return JSONResponse({"status": "not ready", "reason": f"the model's {ping_path} returned {response.status}"}, status_code=503)
+        return JSONResponse({"status": "ready"})
+
+    return Starlette(
+        routes=[
+            Route("/metrics", metrics, methods=["GET"]),
+            Route("/healthz", healthz, methods=["GET"]),
+            Route("/readyz", readyz, methods=["GET"]),
+        ]
+    )

@@ -1,0 +1,323 @@
+"""The request path: accept, validate, forward, stream back, record.
+
+Clock points (DESIGN.md section 4), all from the injected monotonic clock in nanoseconds:
+
+- ``t_in``: the app is called for the request (head parsed).
+- ``t_send``: just before the first byte of the request goes to the model.
+- ``t_done``: the last byte of the model's response has arrived, or the model call failed.
+- ``t_out``: the last byte of the response has been handed to the server.
+
+ModelLatency = ``t_done - t_send`` minus the time spent blocked in ``send()`` to the client meanwhile;
+OverheadLatency = ``(t_out - t_in) - ModelLatency``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+
+from metrics.recorder import InvocationRecorder
+from proxy.errors import Fault, UpstreamError
+from proxy.instances import InstanceCountSource
+from proxy.types import Headers, Message, Receive, Scope, Send
+from proxy.upstream import UpstreamClient, UpstreamResponse
+
+log = logging.getLogger("proxy")
+
+# Hop-by-hop headers (RFC 9110 7.6.1) plus those this proxy sets itself.
+REQUEST_DROP = frozenset({
+    b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding", b"te", b"trailer", b"upgrade",
+    b"proxy-authorization", b"proxy-authenticate", b"expect", b"host", b"content-length",
+    b"x-forwarded-proto", b"x-forwarded-host",
+})
+RESPONSE_DROP = frozenset({
+    b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding", b"te", b"trailer", b"upgrade",
+    b"proxy-authenticate", b"x-amzn-invoked-production-variant",
+})
+VARIANT_HEADER = b"x-amzn-invoked-production-variant"
+
+
+def _connection_tokens(headers: Headers) -> frozenset[bytes]:
+    """Header names listed in Connection: hop-by-hop for this hop only."""
+    tokens: set[bytes] = set()
+    for name, value in headers:
+        if name == b"connection":
+            tokens.update(t.strip().lower() for t in value.split(b","))
+    return frozenset(tokens)
+
+
+def _server_timing(model_ns: int, overhead_ns: int) -> bytes:
+    return b"model;dur=%.3f, overhead;dur=%.3f" % (model_ns / 1e6, overhead_ns / 1e6)
+
+
+class _Guard:
+    """Cancels the request task when the client disconnects or the model overruns the invocation timeout.
+
+    ``fault`` records which one fired, so the request path can tell these from a shutdown.
+    """
+
+    __slots__ = ("_loop", "_task", "_timeout", "_timer", "_watcher", "done", "fault")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, timeout: float, receive: Receive) -> None:
+        self.fault: Fault | None = None
+        self.done = False
+        task = asyncio.current_task(loop)
+        assert task is not None
+        self._task = task
+        self._loop = loop
+        self._timeout = timeout
+        self._timer = loop.call_later(timeout, self._fire, Fault.UPSTREAM_TIMEOUT)
+        self._watcher = loop.create_task(self._watch(receive))
+
+    async def _watch(self, receive: Receive) -> None:
+        while (await receive())["type"] != "http.disconnect":
+            pass
+        self._fire(Fault.CLIENT_DISCONNECT)
+
+    def _fire(self, fault: Fault) -> None:
+        if self.fault is None and not self.done:
+            self.fault = fault
+            self._task.cancel()
+
+    def rearm(self) -> None:
+        """The model made progress: the timeout counts again from now (an idle timeout between chunks)."""
+        self._timer.cancel()
+        self._timer = self._loop.call_later(self._timeout, self._fire, Fault.UPSTREAM_TIMEOUT)
+
+    def stop_timer(self) -> None:
+        self._timer.cancel()
+
+    def stop(self) -> None:
+        self.done = True
+        self._timer.cancel()
+        self._watcher.cancel()
+
+
+class ProxyApp:
+    """The ASGI application on the proxy port: every request goes to the model; invocations are recorded."""
+
+    def __init__(
+        self,
+        *,
+        upstream: UpstreamClient,
+        recorder: InvocationRecorder,
+        instances: InstanceCountSource,
+        variant_name: str,
+        invocation_routes: frozenset[tuple[str, str]],
+        max_payload_bytes: int,
+        invocation_timeout: float,
+        record: bool = True,
+        clock: Callable[[], int] = time.perf_counter_ns,
+    ) -> None:
+        self._upstream = upstream
+        self._recorder = recorder
+        self._instances = instances
+        self._variant = variant_name.encode()
+        self._routes = invocation_routes
+        self._max_payload = max_payload_bytes
+        self._timeout = invocation_timeout
+        self._record = record
+        self._clock = clock
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return  # lifespan is handled by the server; websockets are refused by returning
+        clock = self._clock
+        t_in = clock()
+
+        # Accept and validate.
+        method: str = scope["method"]
+        if method == "CONNECT":
+            return await self._refuse(send, Fault.METHOD_NOT_ALLOWED)
+        raw_path: bytes = scope.get("raw_path") or scope["path"].encode()
+        if not raw_path.startswith(b"/"):
+            return await self._refuse(send, Fault.MALFORMED_REQUEST, "request target must be a path")
+        headers, declared = self._request_headers(scope)
+        if declared is not None and declared > self._max_payload:
+            return await self._refuse(send, Fault.PAYLOAD_TOO_LARGE)
+        body = await self._read_body(receive)
+        if isinstance(body, Fault):
+            return await self._refuse(send, body)
+
+        invocation = self._record and (method, scope["path"]) in self._routes
+        query: bytes = scope.get("query_string", b"")
+        target = raw_path + b"?" + query if query else raw_path
+        loop = asyncio.get_running_loop()
+        guard = _Guard(loop, self._timeout, receive)
+        instances = 1
+        if invocation:
+            instances = self._instances.current()
+            self._recorder.invocation_started()
+
+        response: UpstreamResponse | None = None
+        status = 0
+        fault: Fault | None = None
+        first_byte_ns: int | None = None
+        blocked_ns = 0  # time spent in send() to the client while the model was still answering
+        started = False
+        t_send = 0
+        t_done: int | None = None  # stays None if the model call never ended (client gone, shutdown)
+        try:
+            # Forward.
+            t_send = clock()
+            try:
+                response = await self._upstream.request(method.encode(), target, headers, body)
+            except UpstreamError as e:
+                t_done = clock()
+                fault = e.fault
+                guard.stop()
+                log.debug("model call failed: %s", e)
+                await self._refuse(send, fault, None, _server_timing(t_done - t_send, t_send - t_in))
+                return
+            t_head = clock()
+            status = response.status
+            out_headers = self._response_headers(response.headers, _server_timing(t_head - t_send, t_send - t_in))
+
+            # Stream back.
+            if response.complete:
+                t_done = t_head
+                guard.stop()
+                started = True
+                await send({"type": "http.response.start", "status": status, "headers": out_headers})
+                await send({"type": "http.response.body", "body": response.take_buffered()})
+            else:
+                started = True
+                await send({"type": "http.response.start", "status": status, "headers": out_headers})
+                blocked_ns += clock() - t_head
+                chunk = response.take_buffered()
+                if chunk and response.streamed:
+                    first_byte_ns = t_head - t_send
+                while True:
+                    if chunk:
+                        t0 = clock()
+                        await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                        blocked_ns += clock() - t0
+                        guard.rearm()
+                    chunk = await response.read()
+                    if not chunk:
+                        break
+                    if first_byte_ns is None and response.streamed:
+                        first_byte_ns = clock() - t_send
+                t_done = clock()
+                guard.stop()
+                await send({"type": "http.response.body", "body": b""})
+        except UpstreamError as e:
+            # The model failed after the head was sent: the client's connection must be aborted.
+            t_done = clock()
+            fault = e.fault
+            raise
+        except Exception:
+            t_done = clock()
+            fault = Fault.INTERNAL
+            log.exception("internal error while proxying %s %s", method, scope["path"])
+            if started:
+                raise
+            await self._refuse(send, fault)
+        except asyncio.CancelledError:
+            cancelled = guard.fault
+            if cancelled is None:
+                raise  # the server is shutting down
+            asyncio.current_task().uncancel()  # type: ignore[union-attr]
+            if cancelled is Fault.CLIENT_DISCONNECT:
+                fault = cancelled
+                return
+            t_done = clock()
+            fault = Fault.UPSTREAM_TIMEOUT
+            if started:
+                raise UpstreamError(fault) from None
+            await self._refuse(send, fault, None, _server_timing(t_done - t_send, t_send - t_in))
+        finally:
+            guard.stop()
+            if response is not None:
+                response.close()
+            if invocation:
+                # Record: exactly once per invocation, whatever happened above.
+                if fault is Fault.CLIENT_DISCONNECT or t_done is None:
+                    self._recorder.invocation_abandoned(instances=instances)
+                else:
+                    model_ns = t_done - t_send - blocked_ns
+                    total_ns = clock() - t_in
+                    self._recorder.invocation_finished(
+                        status=status if fault is None else fault.status or 0,
+                        upstream_error=fault.reason if fault else None,
+                        model_us=model_ns // 1000,
+                        overhead_us=(total_ns - model_ns) // 1000,
+                        instances=instances,
+                        first_byte_us=None if first_byte_ns is None else first_byte_ns // 1000,
+                    )
+
+    def _request_headers(self, scope: Scope) -> tuple[Headers, int | None]:
+        """The headers to send to the model, and the declared Content-Length of the request body."""
+        incoming: Headers = scope["headers"]
+        drop = REQUEST_DROP | _connection_tokens(incoming)
+        out: Headers = [(b"host", self._upstream.authority)]
+        declared: int | None = None
+        forwarded_for: bytes | None = None
+        original_host = b""
+        for name, value in incoming:
+            if name == b"content-length":
+                declared = int(value) if value.isdigit() else None
+            elif name == b"host":
+                original_host = value
+            if name == b"x-forwarded-for":
+                forwarded_for = value
+            elif name not in drop:
+                out.append((name, value))
+        client = scope.get("client")
+        if client:
+            peer = client[0].encode()
+            out.append((b"x-forwarded-for", forwarded_for + b", " + peer if forwarded_for else peer))
+        elif forwarded_for:
+            out.append((b"x-forwarded-for", forwarded_for))
+        out.append((b"x-forwarded-proto", scope.get("scheme", "http").encode()))
+        if original_host:
+            out.append((b"x-forwarded-host", original_host))
+        return out, declared
+
+    def _response_headers(self, headers: Headers, server_timing: bytes) -> Headers:
+        drop = RESPONSE_DROP | _connection_tokens(headers) if any(n == b"connection" for n, _ in headers) else RESPONSE_DROP
+        out = [(name, value) for name, value in headers if name not in drop]
+        out.append((b"server-timing", server_timing))
+        out.append((VARIANT_HEADER, self._variant))
+        return out
+
+    async def _read_body(self, receive: Receive) -> bytes | Fault:
+        """The whole request body, bounded by the max payload: a slow uploader costs overhead, not model time."""
+        message: Message = await receive()
+        if message["type"] == "http.disconnect":
+            return Fault.CLIENT_DISCONNECT_EARLY
+        body: bytes = message.get("body", b"")
+        if not message.get("more_body", False):
+            return body if len(body) <= self._max_payload else Fault.PAYLOAD_TOO_LARGE
+        chunks = [body]
+        size = len(body)
+        while message.get("more_body", False):
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return Fault.CLIENT_DISCONNECT_EARLY
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self._max_payload:
+                return Fault.PAYLOAD_TOO_LARGE
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    async def _refuse(self, send: Send, fault: Fault, message: str | None = None, server_timing: bytes | None = None) -> None:
+        """Answer with the fault's status and a short JSON error; count refusals of requests never forwarded."""
+        if not fault.invocation:
+            self._recorder.rejected(fault.reason)
+        if fault.status is None:
+            return
+        body = b'{"error": "%s"}' % (message or fault.message).encode()
+        headers: Headers = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(body))]
+        if fault is Fault.PAYLOAD_TOO_LARGE or fault is Fault.METHOD_NOT_ALLOWED:
+            headers.append((b"connection", b"close"))  # do not drain an oversized upload or a tunnel
+        if fault is Fault.METHOD_NOT_ALLOWED:
+            headers.append((b"allow", b"GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS"))
+        if server_timing is not None:
+            headers.append((b"server-timing", server_timing))
+            headers.append((VARIANT_HEADER, self._variant))
+        await send({"type": "http.response.start", "status": fault.status, "headers": headers})
+        await send({"type": "http.response.body", "body": body})

@@ -1,0 +1,55 @@
+"""The command line: ``sagemaker-metrics-proxy serve|demo``. Bad configuration exits 2 with one line."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+from typing import NoReturn
+
+from proxy.settings import SERVE_OPTIONS, ConfigError, add_options, resolve
+
+PROG = "sagemaker-metrics-proxy"
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        # One line, no usage dump: the line names the flag and what is wrong.
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog=PROG, description="SageMaker endpoint metrics for any model server, as a reverse proxy.")
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    serve = commands.add_parser("serve", help="run the proxy in front of a model server")
+    add_options(serve, SERVE_OPTIONS)
+    demo = commands.add_parser("demo", help="start the example model and the proxy, send traffic, show the metrics")
+    demo.add_argument("--requests", type=int, default=400, help="how many requests to send (default 400)")
+    demo.add_argument("--keep-running", action="store_true", help="keep the model and proxy up after the traffic")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command == "serve":
+        from proxy import server
+
+        try:
+            settings = resolve(args, os.environ)
+            server.run(settings)
+        except ConfigError as e:
+            parser.exit(2, f"{PROG}: error: {e}\n")
+        return 0
+    if args.command == "demo":
+        if args.requests < 1:
+            parser.exit(2, f"{PROG}: error: --requests must be at least 1\n")
+        from proxy import demo
+
+        return demo.run(requests=args.requests, keep_running=args.keep_running)
+    raise AssertionError(args.command)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,136 @@
+"""The composition root: builds the pieces from Settings and runs the proxy and admin servers in one loop."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import socket
+from collections.abc import Iterator
+
+import uvicorn
+from prometheus_client import CollectorRegistry
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+from metrics.recorder import InvocationRecorder
+from proxy.admin import create_admin_app
+from proxy.app import ProxyApp
+from proxy.errors import REJECT_REASONS, UPSTREAM_ERROR_REASONS
+from proxy.instances import StaticInstanceCount
+from proxy.settings import ConfigError, Settings
+from proxy.upstream import HttpUpstream
+
+log = logging.getLogger("proxy")
+# Longer than the 60 s idle timeout of common load balancers, so they never reuse a connection we closed.
+KEEP_ALIVE_S = 75
+
+
+class _Server(uvicorn.Server):
+    """A uvicorn server that leaves signals to us: two servers share one loop and stop together."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
+class _HttpProtocol(HttpToolsProtocol):
+    """uvicorn's httptools protocol, letting CONNECT through to the app, which answers 405.
+
+    uvicorn cannot parse an authority-form target and would answer a bare 400 the app never sees,
+    so the refusal would go uncounted.
+    """
+
+    def on_headers_complete(self) -> None:
+        if self.parser.get_method() == b"CONNECT":
+            self.url = b"/"  # the authority is never used: only the configured model is contacted
+        super().on_headers_complete()
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """Bind before serving, so a taken port is a configuration error (exit 2), not a crash."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        raise ConfigError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+    sock.set_inheritable(True)
+    return sock
+
+
+def _config(app: object, settings: Settings) -> uvicorn.Config:
+    return uvicorn.Config(
+        app,  # type: ignore[arg-type]
+        http=_HttpProtocol,
+        lifespan="off",
+        access_log=False,
+        server_header=False,
+        date_header=False,
+        log_config=None,
+        log_level=settings.log_level,
+        timeout_keep_alive=KEEP_ALIVE_S,
+        proxy_headers=False,  # the peer address is the client's; we add X-Forwarded-For ourselves
+    )
+
+
+async def serve(settings: Settings, proxy_sock: socket.socket, admin_sock: socket.socket) -> None:
+    registry = CollectorRegistry()
+    recorder = InvocationRecorder(
+        registry,
+        endpoint_name=settings.endpoint_name,
+        variant_name=settings.variant_name,
+        reject_reasons=REJECT_REASONS,
+        upstream_error_reasons=UPSTREAM_ERROR_REASONS,
+        model_latency_buckets=settings.model_latency_buckets,
+        overhead_latency_buckets=settings.overhead_latency_buckets,
+    )
+    instances = StaticInstanceCount(settings.instance_count)
+    recorder.live_instances(instances.current())
+    upstream = HttpUpstream(settings.upstream)
+    app = ProxyApp(
+        upstream=upstream,
+        recorder=recorder,
+        instances=instances,
+        variant_name=settings.variant_name,
+        invocation_routes=settings.invocation_routes,
+        max_payload_bytes=settings.max_payload_bytes,
+        invocation_timeout=settings.invocation_timeout,
+        record=settings.record_metrics,
+    )
+    admin = create_admin_app(lambda: registry, upstream, ping_path=settings.ping_path)
+
+    proxy_server = _Server(_config(app, settings))
+    admin_server = _Server(_config(admin, settings))
+
+    def stop() -> None:
+        proxy_server.should_exit = admin_server.should_exit = True
+
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop)
+    log.info(
+        "proxying %s:%d -> %s for endpoint %s variant %s; metrics on %s:%d/metrics",
+        settings.host, settings.port, settings.upstream, settings.endpoint_name, settings.variant_name,
+        settings.host, settings.metrics_port,
+    )
+    try:
+        await asyncio.gather(proxy_server.serve([proxy_sock]), admin_server.serve([admin_sock]))
+    finally:
+        stop()
+        await upstream.close()
+
+
+def run(settings: Settings) -> None:
+    """Bind both ports (ConfigError if either is taken), then serve until SIGINT or SIGTERM."""
+    import uvloop
+    from prometheus_client import disable_created_metrics
+
+    disable_created_metrics()  # *_created series double the exposition and nobody reads them
+    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    proxy_sock = bind(settings.host, settings.port)
+    admin_sock = bind(settings.host, settings.metrics_port)
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        runner.run(serve(settings, proxy_sock, admin_sock))

@@ -1,0 +1,216 @@
+"""The one settings object: built from flags and environment once, validated before anything listens.
+
+No other module reads the environment. Each flag ``--some-flag`` can also be set as
+``SAGEMAKER_PROXY_SOME_FLAG``; a flag given on the command line wins.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import re
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import urlsplit
+
+from metrics.definitions import DEFAULT_MODEL_LATENCY_BUCKETS_US, DEFAULT_OVERHEAD_LATENCY_BUCKETS_US
+
+ENV_PREFIX = "SAGEMAKER_PROXY_"
+# SageMaker's own rule for endpoint and variant names.
+NAME_PATTERN = re.compile(r"^[a-zA-Z0-9](-*[a-zA-Z0-9]){0,62}$")
+LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
+METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
+
+
+class ConfigError(ValueError):
+    """A bad configuration value; the message is one line that names the flag."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    upstream: str
+    endpoint_name: str
+    host: str = "0.0.0.0"
+    port: int = 8080
+    metrics_port: int = 9090
+    variant_name: str = "AllTraffic"
+    instance_count: int = 1
+    invocation_routes: frozenset[tuple[str, str]] = frozenset({("POST", "/invocations")})
+    max_payload_bytes: int = 6 * 1024 * 1024
+    invocation_timeout: float = 60.0
+    ping_path: str = "/ping"
+    model_latency_buckets: tuple[float, ...] = DEFAULT_MODEL_LATENCY_BUCKETS_US
+    overhead_latency_buckets: tuple[float, ...] = DEFAULT_OVERHEAD_LATENCY_BUCKETS_US
+    log_level: str = "info"
+    # Benchmark-only: forward without recording metrics, to measure what recording costs.
+    record_metrics: bool = field(default=True)
+
+
+# -- value parsers: each takes the raw string and returns the value or raises ValueError(reason) ----------
+
+
+def _int_between(low: int, high: int) -> Callable[[str], int]:
+    def parse(raw: str) -> int:
+        try:
+            value = int(raw)
+        except ValueError:
+            raise ValueError(f"must be an integer, got {raw!r}") from None
+        if not low <= value <= high:
+            raise ValueError(f"must be between {low} and {high}, got {value}")
+        return value
+
+    return parse
+
+
+def _positive_float(raw: str) -> float:
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ValueError(f"must be a number of seconds, got {raw!r}") from None
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError(f"must be a positive number of seconds, got {raw!r}")
+    return value
+
+
+def _upstream(raw: str) -> str:
+    parts = urlsplit(raw)
+    if parts.scheme != "http":
+        raise ValueError(f"must be an http:// URL of the model server, got {raw!r}")
+    try:
+        parts.port  # noqa: B018  # raises on a bad port
+    except ValueError:
+        raise ValueError(f"has a bad port: {raw!r}") from None
+    if not parts.hostname or parts.path not in ("", "/") or parts.query:
+        raise ValueError(f"must be http://host:port with no path, got {raw!r}")
+    return f"http://{parts.netloc}"
+
+
+def _name(raw: str) -> str:
+    if not NAME_PATTERN.match(raw):
+        raise ValueError(f"must be 1-63 letters, digits and hyphens, starting with a letter or digit, got {raw!r}")
+    return raw
+
+
+def _route(raw: str) -> tuple[str, str]:
+    method, _, path = raw.strip().partition(" ")
+    method, path = method.upper(), path.strip()
+    if method not in METHODS or not path.startswith("/") or " " in path:
+        raise ValueError(f"must be 'METHOD /path' such as 'POST /invocations', got {raw!r}")
+    return method, path
+
+
+def _buckets(raw: str) -> tuple[float, ...]:
+    try:
+        values = tuple(float(v) for v in raw.split(",") if v.strip())
+    except ValueError:
+        raise ValueError(f"must be a comma-separated list of microseconds, got {raw!r}") from None
+    if not values or any(not math.isfinite(v) or v <= 0 for v in values) or list(values) != sorted(set(values)):
+        raise ValueError(f"must be increasing positive microseconds, got {raw!r}")
+    return values
+
+
+def _log_level(raw: str) -> str:
+    if raw.lower() not in LOG_LEVELS:
+        raise ValueError(f"must be one of {', '.join(LOG_LEVELS)}, got {raw!r}")
+    return raw.lower()
+
+
+def _path(raw: str) -> str:
+    if not raw.startswith("/"):
+        raise ValueError(f"must start with '/', got {raw!r}")
+    return raw
+
+
+@dataclass(frozen=True)
+class Option:
+    flag: str
+    parse: Callable[[str], Any]
+    help: str
+    default: str | None = None
+    repeatable: bool = False
+
+    @property
+    def dest(self) -> str:
+        return self.flag.removeprefix("--").replace("-", "_")
+
+    @property
+    def env(self) -> str:
+        return ENV_PREFIX + self.dest.upper()
+
+
+SERVE_OPTIONS: tuple[Option, ...] = (
+    Option("--upstream", _upstream, "model server to forward to, http://host:port (required)"),
+    Option("--endpoint-name", _name, "endpoint name for the EndpointName label and dimension (required)"),
+    Option("--variant-name", _name, "production variant name", "AllTraffic"),
+    Option("--host", str, "address to listen on, for both ports", "0.0.0.0"),
+    Option("--port", _int_between(1, 65535), "proxy port, where clients send requests", "8080"),
+    Option("--metrics-port", _int_between(1, 65535), "admin port: /metrics, /healthz, /readyz", "9090"),
+    Option("--instance-count", _int_between(1, 100_000), "live instances of the variant, the n of InvocationsPerInstance", "1"),
+    Option("--invocation-route", _route, "'METHOD /path' that counts as an invocation; repeatable, or a comma list in the environment", "POST /invocations", repeatable=True),
+    Option("--max-payload-bytes", _int_between(1, 1 << 40), "largest request body; larger ones get 413", str(6 * 1024 * 1024)),
+    Option("--invocation-timeout", _positive_float, "seconds to wait for the model's response head, and between body chunks; then 504", "60"),
+    Option("--ping-path", _path, "the model's health check path, used by /readyz", "/ping"),
+    Option("--model-latency-buckets", _buckets, "ModelLatency histogram buckets, comma-separated microseconds", ",".join(f"{b:g}" for b in DEFAULT_MODEL_LATENCY_BUCKETS_US)),
+    Option("--overhead-latency-buckets", _buckets, "OverheadLatency histogram buckets, comma-separated microseconds", ",".join(f"{b:g}" for b in DEFAULT_OVERHEAD_LATENCY_BUCKETS_US)),
+    Option("--log-level", _log_level, "log level: " + ", ".join(LOG_LEVELS), "info"),
+)
+REQUIRED = ("upstream", "endpoint_name")
+
+
+def add_options(parser: argparse.ArgumentParser, options: Sequence[Option]) -> None:
+    """Declare the flags; values stay raw strings here and are parsed once in ``resolve``."""
+    for option in options:
+        default_text = f" (default {option.default})" if option.default is not None else ""
+        help_text = f"{option.help}{default_text} [env {option.env}]"
+        if option.repeatable:
+            parser.add_argument(option.flag, dest=option.dest, action="append", help=help_text)
+        else:
+            parser.add_argument(option.flag, dest=option.dest, help=help_text)
+    # Benchmark-only switch; not part of the user-facing flags.
+    parser.add_argument("--no-record-metrics", dest="record_metrics", action="store_false", help=argparse.SUPPRESS)
+
+
+def resolve(args: argparse.Namespace, environ: Mapping[str, str], options: Sequence[Option] = SERVE_OPTIONS) -> Settings:
+    """Flags, then environment, then defaults; every value parsed and checked. Raises ConfigError."""
+    values: dict[str, Any] = {}
+    for option in options:
+        given = getattr(args, option.dest, None)
+        source = option.flag
+        if given is None and option.env in environ:
+            env_value = environ[option.env]
+            given = env_value.split(",") if option.repeatable else env_value
+            source = option.env
+        if given is None:
+            if option.dest in REQUIRED:
+                raise ConfigError(f"{option.flag} is required (or set {option.env})")
+            if option.default is None:
+                continue
+            given = [option.default] if option.repeatable else option.default
+            source = f"default of {option.flag}"
+        try:
+            if isinstance(given, list):
+                values[option.dest] = [option.parse(v) for v in given]
+            else:
+                values[option.dest] = option.parse(given)
+        except ValueError as e:
+            raise ConfigError(f"{source}: {e}") from None
+    if values["port"] == values["metrics_port"]:
+        raise ConfigError(f"--port and --metrics-port must differ, both are {values['port']}")
+    return Settings(
+        upstream=values["upstream"],
+        endpoint_name=values["endpoint_name"],
+        host=values["host"],
+        port=values["port"],
+        metrics_port=values["metrics_port"],
+        variant_name=values["variant_name"],
+        instance_count=values["instance_count"],
+        invocation_routes=frozenset(values["invocation_route"]),
+        max_payload_bytes=values["max_payload_bytes"],
+        invocation_timeout=values["invocation_timeout"],
+        ping_path=values["ping_path"],
+        model_latency_buckets=values["model_latency_buckets"],
+        overhead_latency_buckets=values["overhead_latency_buckets"],
+        log_level=values["log_level"],
+        record_metrics=getattr(args, "record_metrics", True),
+    )
