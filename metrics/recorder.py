@@ -39,7 +39,7 @@ class InvocationRecorder:
         def histogram(m: d.MetricDefinition, buckets: Sequence[float]) -> Histogram:
             return Histogram(m.prometheus_name, m.help, labels, buckets=tuple(buckets), registry=registry)
 
-        def gauge(m: d.MetricDefinition, mode: Literal["livesum", "max"]) -> Gauge:
+        def gauge(m: d.MetricDefinition, mode: Literal["livesum", "livemax"]) -> Gauge:
             return Gauge(m.prometheus_name, m.help, labels, registry=registry, multiprocess_mode=mode)
 
         e, v = endpoint_name, variant_name
@@ -52,7 +52,7 @@ class InvocationRecorder:
         self._overhead_latency = _labelled(histogram(d.OVERHEAD_LATENCY, overhead_latency_buckets), e, v)
         self._first_byte = _labelled(histogram(d.MODEL_FIRST_BYTE_LATENCY, model_latency_buckets), e, v)
         self._concurrent = _labelled(gauge(d.CONCURRENT_REQUESTS_PER_MODEL, "livesum"), e, v)
-        self._live_instances = _labelled(gauge(d.LIVE_INSTANCES, "max"), e, v)
+        self._live_instances = _labelled(gauge(d.LIVE_INSTANCES, "livemax"), e, v)
         self._client_disconnects = _labelled(counter(d.CLIENT_DISCONNECTS), e, v)
         rejected = counter(d.REJECTED_REQUESTS)
         upstream_errors = counter(d.UPSTREAM_ERRORS)

@@ -25,7 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve = commands.add_parser("serve", help="run the proxy in front of a model server")
     add_options(serve, SERVE_OPTIONS)
     demo = commands.add_parser("demo", help="start the example model and the proxy, send traffic, show the metrics")
-    demo.add_argument("--requests", type=int, default=400, help="how many requests to send (default 400)")
+    demo.add_argument("--requests", type=int, default=1000, help="how many requests to send (default 1000)")
     demo.add_argument("--keep-running", action="store_true", help="keep the model and proxy up after the traffic")
     return parser
 

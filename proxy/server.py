@@ -5,9 +5,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import multiprocessing
+import os
+import shutil
 import signal
 import socket
+import tempfile
 from collections.abc import Iterator
+from multiprocessing.process import BaseProcess
 
 import uvicorn
 from prometheus_client import CollectorRegistry
@@ -76,8 +81,7 @@ def _config(app: object, settings: Settings) -> uvicorn.Config:
     )
 
 
-async def serve(settings: Settings, proxy_sock: socket.socket, admin_sock: socket.socket) -> None:
-    registry = CollectorRegistry()
+def _proxy_app(settings: Settings, registry: CollectorRegistry) -> tuple[ProxyApp, HttpUpstream]:
     recorder = InvocationRecorder(
         registry,
         endpoint_name=settings.endpoint_name,
@@ -100,37 +104,132 @@ async def serve(settings: Settings, proxy_sock: socket.socket, admin_sock: socke
         invocation_timeout=settings.invocation_timeout,
         record=settings.record_metrics,
     )
-    admin = create_admin_app(lambda: registry, upstream, ping_path=settings.ping_path)
+    return app, upstream
 
-    proxy_server = _Server(_config(app, settings))
-    admin_server = _Server(_config(admin, settings))
 
+def _on_stop_signals(*servers: uvicorn.Server) -> None:
     def stop() -> None:
-        proxy_server.should_exit = admin_server.should_exit = True
+        for server in servers:
+            server.should_exit = True
 
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop)
-    log.info(
-        "proxying %s:%d -> %s for endpoint %s variant %s; metrics on %s:%d/metrics",
-        settings.host, settings.port, settings.upstream, settings.endpoint_name, settings.variant_name,
-        settings.host, settings.metrics_port,
-    )
+
+
+async def serve(settings: Settings, proxy_sock: socket.socket, admin_sock: socket.socket) -> None:
+    """One process: the proxy and the admin port in one loop, metrics in memory."""
+    registry = CollectorRegistry()
+    app, upstream = _proxy_app(settings, registry)
+    admin = create_admin_app(lambda: registry, upstream, ping_path=settings.ping_path)
+    proxy_server = _Server(_config(app, settings))
+    admin_server = _Server(_config(admin, settings))
+    _on_stop_signals(proxy_server, admin_server)
+    _log_start(settings)
     try:
         await asyncio.gather(proxy_server.serve([proxy_sock]), admin_server.serve([admin_sock]))
     finally:
-        stop()
+        proxy_server.should_exit = admin_server.should_exit = True
         await upstream.close()
+
+
+def _log_start(settings: Settings) -> None:
+    log.info(
+        "proxying %s:%d -> %s for endpoint %s variant %s with %d worker(s); metrics on %s:%d/metrics",
+        settings.host, settings.port, settings.upstream, settings.endpoint_name, settings.variant_name,
+        settings.workers, settings.host, settings.metrics_port,
+    )
+
+
+# -- several workers -------------------------------------------------------------------------------
+# Workers share the proxy socket and write their metrics to prometheus-client's multiprocess files;
+# the supervisor serves the admin port and merges those files per scrape, so /metrics is one set.
+
+
+def _worker_main(settings: Settings, proxy_sock: socket.socket) -> None:
+    import uvloop
+
+    _setup_logging(settings)
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        runner.run(_serve_worker(settings, proxy_sock))
+
+
+async def _serve_worker(settings: Settings, proxy_sock: socket.socket) -> None:
+    # PROMETHEUS_MULTIPROC_DIR was set before this process started, so values live in its files.
+    app, upstream = _proxy_app(settings, CollectorRegistry())
+    server = _Server(_config(app, settings))
+    _on_stop_signals(server)
+    try:
+        await server.serve([proxy_sock])
+    finally:
+        await upstream.close()
+
+
+async def _supervise(settings: Settings, proxy_sock: socket.socket, admin_sock: socket.socket, multiproc_dir: str) -> None:
+    from prometheus_client import multiprocess
+
+    context = multiprocessing.get_context("spawn")
+
+    def start_worker() -> BaseProcess:
+        worker = context.Process(target=_worker_main, args=(settings, proxy_sock), name="sagemaker-metrics-proxy-worker")
+        worker.start()
+        return worker
+
+    def collect() -> CollectorRegistry:
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry, path=multiproc_dir)
+        return registry
+
+    workers = [start_worker() for _ in range(settings.workers)]
+    upstream = HttpUpstream(settings.upstream)
+    admin_server = _Server(_config(create_admin_app(collect, upstream, ping_path=settings.ping_path), settings))
+    _on_stop_signals(admin_server)
+    _log_start(settings)
+
+    async def restart_dead_workers() -> None:
+        while not admin_server.should_exit:
+            await asyncio.sleep(0.5)
+            for i, worker in enumerate(workers):
+                if not worker.is_alive() and not admin_server.should_exit:
+                    log.warning("worker %s exited with %s; starting another", worker.pid, worker.exitcode)
+                    multiprocess.mark_process_dead(worker.pid, multiproc_dir)
+                    workers[i] = start_worker()
+
+    supervisor = asyncio.create_task(restart_dead_workers())
+    try:
+        await admin_server.serve([admin_sock])
+    finally:
+        supervisor.cancel()
+        for worker in workers:
+            worker.terminate()
+        for worker in workers:
+            await asyncio.to_thread(worker.join, 15)
+            multiprocess.mark_process_dead(worker.pid, multiproc_dir)
+        await upstream.close()
+
+
+def _setup_logging(settings: Settings) -> None:
+    from prometheus_client import disable_created_metrics
+
+    disable_created_metrics()  # *_created series double the exposition and nobody reads them
+    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s")
 
 
 def run(settings: Settings) -> None:
     """Bind both ports (ConfigError if either is taken), then serve until SIGINT or SIGTERM."""
     import uvloop
-    from prometheus_client import disable_created_metrics
 
-    disable_created_metrics()  # *_created series double the exposition and nobody reads them
-    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    _setup_logging(settings)
     proxy_sock = bind(settings.host, settings.port)
     admin_sock = bind(settings.host, settings.metrics_port)
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-        runner.run(serve(settings, proxy_sock, admin_sock))
+        if settings.workers == 1:
+            runner.run(serve(settings, proxy_sock, admin_sock))
+            return
+        # A directory of our own, fresh at every start: stale files from an earlier run would add up.
+        multiproc_dir = tempfile.mkdtemp(prefix="sagemaker-metrics-proxy-")
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = multiproc_dir  # read by prometheus-client in each worker at import
+        try:
+            runner.run(_supervise(settings, proxy_sock, admin_sock, multiproc_dir))
+        finally:
+            shutil.rmtree(multiproc_dir, ignore_errors=True)

@@ -43,6 +43,7 @@ class Settings:
     model_latency_buckets: tuple[float, ...] = DEFAULT_MODEL_LATENCY_BUCKETS_US
     overhead_latency_buckets: tuple[float, ...] = DEFAULT_OVERHEAD_LATENCY_BUCKETS_US
     log_level: str = "info"
+    workers: int = 1
     # Benchmark-only: forward without recording metrics, to measure what recording costs.
     record_metrics: bool = field(default=True)
 
@@ -87,7 +88,7 @@ def _upstream(raw: str) -> str:
 
 
 def _name(raw: str) -> str:
-    if not NAME_PATTERN.match(raw):
+    if len(raw) > 63 or not NAME_PATTERN.fullmatch(raw):
         raise ValueError(f"must be 1-63 letters, digits and hyphens, starting with a letter or digit, got {raw!r}")
     return raw
 
@@ -151,8 +152,9 @@ SERVE_OPTIONS: tuple[Option, ...] = (
     Option("--max-payload-bytes", _int_between(1, 1 << 40), "largest request body; larger ones get 413", str(6 * 1024 * 1024)),
     Option("--invocation-timeout", _positive_float, "seconds to wait for the model's response head, and between body chunks; then 504", "60"),
     Option("--ping-path", _path, "the model's health check path, used by /readyz", "/ping"),
-    Option("--model-latency-buckets", _buckets, "ModelLatency histogram buckets, comma-separated microseconds", ",".join(f"{b:g}" for b in DEFAULT_MODEL_LATENCY_BUCKETS_US)),
-    Option("--overhead-latency-buckets", _buckets, "OverheadLatency histogram buckets, comma-separated microseconds", ",".join(f"{b:g}" for b in DEFAULT_OVERHEAD_LATENCY_BUCKETS_US)),
+    Option("--model-latency-buckets", _buckets, "ModelLatency histogram buckets, comma-separated microseconds", ",".join(f"{b:.0f}" for b in DEFAULT_MODEL_LATENCY_BUCKETS_US)),
+    Option("--overhead-latency-buckets", _buckets, "OverheadLatency histogram buckets, comma-separated microseconds", ",".join(f"{b:.0f}" for b in DEFAULT_OVERHEAD_LATENCY_BUCKETS_US)),
+    Option("--workers", _int_between(1, 64), "worker processes sharing the proxy port; metrics are merged into one set", "1"),
     Option("--log-level", _log_level, "log level: " + ", ".join(LOG_LEVELS), "info"),
 )
 REQUIRED = ("upstream", "endpoint_name")
@@ -212,5 +214,6 @@ def resolve(args: argparse.Namespace, environ: Mapping[str, str], options: Seque
         model_latency_buckets=values["model_latency_buckets"],
         overhead_latency_buckets=values["overhead_latency_buckets"],
         log_level=values["log_level"],
+        workers=values["workers"],
         record_metrics=getattr(args, "record_metrics", True),
     )
