@@ -57,6 +57,7 @@ class UpstreamResponse:
         "_interim",
         "_keep_alive",
         "_loop",
+        "_pending_bytes",
         "_until_eof",
         "_waiter",
         "complete",
@@ -82,6 +83,7 @@ class UpstreamResponse:
         self._interim = False
         self._until_eof = False
         self._head_bytes = 0
+        self._pending_bytes = 0
         self._keep_alive = False
 
     # -- parser callbacks --------------------------------------------------------------------
@@ -241,6 +243,11 @@ class _Connection(asyncio.Protocol):
             return
         try:
             self.parser.feed_data(data)
+            if not response.status:
+                # A head still incomplete: the parser buffers a header line until it ends, so bound the raw bytes.
+                response._pending_bytes += len(data)
+                if response._pending_bytes > MAX_HEAD_BYTES:
+                    raise UpstreamError(Fault.UPSTREAM_MALFORMED, "response head too large")
         except UpstreamError as e:
             response._fail(e)
             self.abort()
@@ -336,7 +343,8 @@ class HttpUpstream:
         head = b"".join(lines)
         head_only = method == b"HEAD"
         for attempt in (1, 2):
-            conn = self._idle_pop()
+            # The retry always takes a new connection: the other idle ones may be just as stale.
+            conn = self._idle_pop() if attempt == 1 else None
             if conn is None:
                 conn = await self._connect()
             response = conn.send(head, body, head_only)
