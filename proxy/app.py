@@ -37,15 +37,18 @@ RESPONSE_DROP = frozenset({
     b"proxy-authenticate", b"x-amzn-invoked-production-variant",
 })
 VARIANT_HEADER = b"x-amzn-invoked-production-variant"
+# A scope extension: a list the app appends callbacks to, called by the server when the client disconnects.
+DISCONNECT_EXTENSION = "sagemaker_metrics_proxy.disconnect"
 
 
-def _connection_tokens(headers: Headers) -> frozenset[bytes]:
-    """Header names listed in Connection: hop-by-hop for this hop only."""
-    tokens: set[bytes] = set()
+def _dropped(headers: Headers, always: frozenset[bytes]) -> frozenset[bytes]:
+    """``always`` plus the header names listed in Connection, which are hop-by-hop for this hop only."""
+    tokens: set[bytes] | None = None
     for name, value in headers:
         if name == b"connection":
+            tokens = tokens or set(always)
             tokens.update(t.strip().lower() for t in value.split(b","))
-    return frozenset(tokens)
+    return always if tokens is None else frozenset(tokens)
 
 
 def _server_timing(model_ns: int, overhead_ns: int) -> bytes:
@@ -60,7 +63,7 @@ class _Guard:
 
     __slots__ = ("_loop", "_task", "_timeout", "_timer", "_watcher", "done", "fault")
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, timeout: float, receive: Receive) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop, timeout: float, scope: Scope, receive: Receive) -> None:
         self.fault: Fault | None = None
         self.done = False
         task = asyncio.current_task(loop)
@@ -69,11 +72,20 @@ class _Guard:
         self._loop = loop
         self._timeout = timeout
         self._timer = loop.call_later(timeout, self._fire, Fault.UPSTREAM_TIMEOUT)
-        self._watcher = loop.create_task(self._watch(receive))
+        self._watcher: asyncio.Task[None] | None = None
+        hooks = scope.get("extensions", {}).get(DISCONNECT_EXTENSION)
+        if hooks is not None:
+            hooks.append(self._disconnected)
+        else:
+            # Any other ASGI server: the only portable signal is http.disconnect from receive().
+            self._watcher = loop.create_task(self._watch(receive))
 
     async def _watch(self, receive: Receive) -> None:
         while (await receive())["type"] != "http.disconnect":
             pass
+        self._disconnected()
+
+    def _disconnected(self) -> None:
         self._fire(Fault.CLIENT_DISCONNECT)
 
     def _fire(self, fault: Fault) -> None:
@@ -92,7 +104,8 @@ class _Guard:
     def stop(self) -> None:
         self.done = True
         self._timer.cancel()
-        self._watcher.cancel()
+        if self._watcher is not None:
+            self._watcher.cancel()
 
 
 class ProxyApp:
@@ -145,7 +158,7 @@ class ProxyApp:
         query: bytes = scope.get("query_string", b"")
         target = raw_path + b"?" + query if query else raw_path
         loop = asyncio.get_running_loop()
-        guard = _Guard(loop, self._timeout, receive)
+        guard = _Guard(loop, self._timeout, scope, receive)
         instances = 1
         if invocation:
             instances = self._instances.current()
@@ -251,7 +264,7 @@ class ProxyApp:
     def _request_headers(self, scope: Scope) -> tuple[Headers, int | None]:
         """The headers to send to the model, and the declared Content-Length of the request body."""
         incoming: Headers = scope["headers"]
-        drop = REQUEST_DROP | _connection_tokens(incoming)
+        drop = _dropped(incoming, REQUEST_DROP)
         out: Headers = [(b"host", self._upstream.authority)]
         declared: int | None = None
         forwarded_for: bytes | None = None
@@ -277,7 +290,7 @@ class ProxyApp:
         return out, declared
 
     def _response_headers(self, headers: Headers, server_timing: bytes) -> Headers:
-        drop = RESPONSE_DROP | _connection_tokens(headers) if any(n == b"connection" for n, _ in headers) else RESPONSE_DROP
+        drop = _dropped(headers, RESPONSE_DROP)
         out = [(name, value) for name, value in headers if name not in drop]
         out.append((b"server-timing", server_timing))
         out.append((VARIANT_HEADER, self._variant))

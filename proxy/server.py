@@ -11,7 +11,7 @@ import shutil
 import signal
 import socket
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from multiprocessing.process import BaseProcess
 
 import uvicorn
@@ -20,7 +20,7 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from metrics.recorder import InvocationRecorder
 from proxy.admin import create_admin_app
-from proxy.app import ProxyApp
+from proxy.app import DISCONNECT_EXTENSION, ProxyApp
 from proxy.errors import REJECT_REASONS, UPSTREAM_ERROR_REASONS
 from proxy.instances import StaticInstanceCount
 from proxy.settings import ConfigError, Settings
@@ -40,16 +40,30 @@ class _Server(uvicorn.Server):
 
 
 class _HttpProtocol(HttpToolsProtocol):
-    """uvicorn's httptools protocol, letting CONNECT through to the app, which answers 405.
+    """uvicorn's httptools protocol with two additions for the proxy.
 
-    uvicorn cannot parse an authority-form target and would answer a bare 400 the app never sees,
-    so the refusal would go uncounted.
+    CONNECT reaches the app, which answers 405: uvicorn cannot parse an authority-form target and
+    would answer a bare 400 that the app never sees, so the refusal would go uncounted.
+    A lost connection calls the callbacks the app put in ``scope["extensions"][DISCONNECT_EXTENSION]``,
+    so the app learns of it without a task per request waiting on ``receive()``.
     """
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        self.scope["extensions"] = {DISCONNECT_EXTENSION: []}  # type: ignore[dict-item]
 
     def on_headers_complete(self) -> None:
         if self.parser.get_method() == b"CONNECT":
             self.url = b"/"  # the authority is never used: only the configured model is contacted
         super().on_headers_complete()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        cycle = self.cycle
+        super().connection_lost(exc)
+        if cycle is not None and not cycle.response_complete:
+            callbacks: list[Callable[[], None]] = cycle.scope.get("extensions", {}).get(DISCONNECT_EXTENSION, [])  # type: ignore[assignment]
+            for callback in callbacks:
+                callback()
 
 
 def bind(host: str, port: int) -> socket.socket:

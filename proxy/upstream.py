@@ -336,7 +336,8 @@ class HttpUpstream:
     async def request(self, method: bytes, target: bytes, headers: Headers, body: bytes) -> UpstreamResponse:
         """Send one request and wait for the response head. Body chunks follow through ``read()``."""
         lines = [b"%s %s HTTP/1.1\r\n" % (method, target)]
-        lines.extend(b"%s: %s\r\n" % header for header in headers)
+        for name, value in headers:
+            lines.append(name + b": " + value + b"\r\n")
         if body or method not in (b"GET", b"HEAD", b"DELETE", b"OPTIONS"):
             lines.append(b"content-length: %d\r\n" % len(body))
         lines.append(b"\r\n")

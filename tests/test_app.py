@@ -70,7 +70,8 @@ class FakeUpstream:
         pass
 
 
-def make_app(clock: FakeClock, upstream: FakeUpstream, record: bool = True, instances: int = 2) -> tuple[ProxyApp, CollectorRegistry]:
+def make_app(clock: FakeClock, upstream: FakeUpstream, record: bool = True, instances: int = 2,
+             timeout: float = 60) -> tuple[ProxyApp, CollectorRegistry]:
     registry = CollectorRegistry()
     recorder = InvocationRecorder(
         registry, endpoint_name="ep", variant_name="v1", reject_reasons=REJECT_REASONS, upstream_error_reasons=UPSTREAM_ERROR_REASONS
@@ -82,7 +83,7 @@ def make_app(clock: FakeClock, upstream: FakeUpstream, record: bool = True, inst
         variant_name="v1",
         invocation_routes=frozenset({("POST", "/invocations")}),
         max_payload_bytes=100,
-        invocation_timeout=60,
+        invocation_timeout=timeout,
         record=record,
         clock=clock,
     )
@@ -221,3 +222,49 @@ def test_forwarded_request_headers() -> None:
         (b"x-forwarded-proto", b"http"), (b"x-forwarded-host", b"public"),
     ]
     assert body == b"{}"
+
+
+class HangingUpstream(FakeUpstream):
+    """A model that never answers, so only a disconnect or the timeout can end the call."""
+
+    async def request(self, method: bytes, target: bytes, headers: Headers, body: bytes) -> FakeResponse:
+        self.calls.append((method, target, headers, body))
+        await asyncio.Event().wait()
+        raise AssertionError
+
+
+def test_client_disconnect_seen_through_receive_cancels_the_model_call() -> None:
+    """Servers other than ours only say so through receive(): the request path must still notice."""
+    clock = FakeClock()
+    upstream = HangingUpstream(clock, UpstreamError(Fault.UPSTREAM_RESET), head_ns=0)
+    app, registry = make_app(clock, upstream)
+    received: list[Message] = [{"type": "http.request", "body": b"{}", "more_body": False}]
+    sent: list[Message] = []
+
+    async def receive() -> Message:
+        if received:
+            return received.pop(0)
+        await asyncio.sleep(0.01)
+        return {"type": "http.disconnect"}
+
+    async def send(message: Message) -> None:
+        sent.append(message)
+
+    scope = {"type": "http", "method": "POST", "path": "/invocations", "raw_path": b"/invocations", "query_string": b"", "headers": []}
+    asyncio.run(asyncio.wait_for(app(scope, receive, send), 5))
+    assert sent == []
+    assert len(upstream.calls) == 1
+    assert value(registry, "sagemaker_invocations_total") == 1
+    assert value(registry, "sagemaker_proxy_client_disconnects_total") == 1
+    assert value(registry, "sagemaker_invocation_model_errors_total") == 0
+    assert value(registry, "sagemaker_concurrent_requests_per_model") == 0
+
+
+def test_timeout_before_the_head_is_a_504() -> None:
+    clock = FakeClock()
+    upstream = HangingUpstream(clock, UpstreamError(Fault.UPSTREAM_RESET), head_ns=0)
+    app, registry = make_app(clock, upstream, timeout=0.05)
+    sent = call(app, clock)
+    assert sent[0]["status"] == 504
+    assert value(registry, "sagemaker_proxy_upstream_errors_total", reason="timeout") == 1
+    assert value(registry, "sagemaker_invocation_model_errors_total") == 1
