@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test lint clean
+.PHONY: demo test bench bench-quick clean
 
 demo: $(VENV)/.installed
 	$(BIN)/sagemaker-metrics-proxy demo
@@ -12,6 +12,16 @@ test: $(VENV)/.installed
 	$(BIN)/ruff check proxy metrics example_model tests benchmarks
 	$(BIN)/mypy
 	$(BIN)/pytest -q
+
+bench: $(VENV)/.bench
+	$(BIN)/python -m benchmarks.run
+
+bench-quick: $(VENV)/.bench
+	$(BIN)/python -m benchmarks.run --quick
+
+$(VENV)/.bench: $(VENV)/.installed
+	$(BIN)/pip install -q -e '.[test,bench]'
+	touch $@
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
