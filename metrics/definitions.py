@@ -94,6 +94,28 @@ CLIENT_DISCONNECTS = MetricDefinition(
     "Invocations abandoned because the client disconnected while the model was working.",
 )
 
+CLOUDWATCH_LAST_SUCCESS = MetricDefinition(
+    "sagemaker_proxy_cloudwatch_last_success_timestamp_seconds", Kind.GAUGE,
+    "Unix time of the last successful PutMetricData.",
+)
+CLOUDWATCH_FAILURES = MetricDefinition(
+    "sagemaker_proxy_cloudwatch_publish_failures_total", Kind.COUNTER,
+    "Failed PutMetricData attempts, by reason (throttled, server_error, network, credentials, rejected, internal).",
+    labels=("reason",),
+)
+CLOUDWATCH_BUFFERED_PERIODS = MetricDefinition(
+    "sagemaker_proxy_cloudwatch_buffered_periods", Kind.GAUGE,
+    "Ended periods waiting to be published to CloudWatch.",
+)
+CLOUDWATCH_DROPPED = MetricDefinition(
+    "sagemaker_proxy_cloudwatch_dropped_datapoints_total", Kind.COUNTER,
+    "Datapoints dropped because the buffer was full while CloudWatch was unreachable.",
+)
+CLOUDWATCH_PUBLISHED = MetricDefinition(
+    "sagemaker_proxy_cloudwatch_published_datapoints_total", Kind.COUNTER,
+    "Datapoints (statistic sets) accepted by CloudWatch.",
+)
+
 INVOCATION_METRICS = (
     INVOCATIONS,
     INVOCATION_4XX_ERRORS,
@@ -111,6 +133,11 @@ ALL_METRICS = (
     REJECTED_REQUESTS,
     UPSTREAM_ERRORS,
     CLIENT_DISCONNECTS,
+    CLOUDWATCH_LAST_SUCCESS,
+    CLOUDWATCH_FAILURES,
+    CLOUDWATCH_BUFFERED_PERIODS,
+    CLOUDWATCH_DROPPED,
+    CLOUDWATCH_PUBLISHED,
 )
 
 # Histogram buckets in microseconds: 100 us to 120 s for the model, 10 us to 1 s for the overhead.

@@ -8,6 +8,18 @@ from typing import Literal
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from metrics import definitions as d
+from metrics.statistics import PeriodStatistics
+
+# CloudWatch metric names, looked up once.
+INVOCATIONS = d.INVOCATIONS.cloudwatch_name or ""
+ERRORS_4XX = d.INVOCATION_4XX_ERRORS.cloudwatch_name or ""
+ERRORS_5XX = d.INVOCATION_5XX_ERRORS.cloudwatch_name or ""
+MODEL_ERRORS = d.INVOCATION_MODEL_ERRORS.cloudwatch_name or ""
+PER_INSTANCE = d.INVOCATIONS_PER_INSTANCE.cloudwatch_name or ""
+MODEL_LATENCY = d.MODEL_LATENCY.cloudwatch_name or ""
+OVERHEAD_LATENCY = d.OVERHEAD_LATENCY.cloudwatch_name or ""
+FIRST_BYTE = d.MODEL_FIRST_BYTE_LATENCY.cloudwatch_name or ""
+CONCURRENT = d.CONCURRENT_REQUESTS_PER_MODEL.cloudwatch_name or ""
 
 
 def _labelled(metric: Counter | Gauge | Histogram, endpoint: str, variant: str):  # type: ignore[no-untyped-def]
@@ -30,7 +42,10 @@ class InvocationRecorder:
         upstream_error_reasons: Sequence[str],
         model_latency_buckets: Sequence[float] = d.DEFAULT_MODEL_LATENCY_BUCKETS_US,
         overhead_latency_buckets: Sequence[float] = d.DEFAULT_OVERHEAD_LATENCY_BUCKETS_US,
+        statistics: PeriodStatistics | None = None,
     ) -> None:
+        self._statistics = statistics
+        self._in_flight = 0
         labels = d.VARIANT_LABELS
 
         def counter(m: d.MetricDefinition) -> Counter:
@@ -62,6 +77,10 @@ class InvocationRecorder:
 
     def invocation_started(self) -> None:
         self._concurrent.inc()
+        self._in_flight += 1
+        stats = self._statistics
+        if stats is not None:
+            stats.add(stats.current(), CONCURRENT, self._in_flight)
 
     def invocation_finished(
         self,
@@ -76,28 +95,52 @@ class InvocationRecorder:
         """One completed invocation: ``status`` is what the model returned, or the proxy's 502/504 when
         ``upstream_error`` names the reason the model call failed."""
         self._concurrent.dec()
+        self._in_flight -= 1
         self._invocations.inc()
         self._per_instance.inc(1.0 / instances)
+        is_4xx = is_5xx = False
         if upstream_error is not None:
             self._upstream_errors[upstream_error].inc()
             self._model_errors.inc()
         elif not 200 <= status < 300:
             self._model_errors.inc()
             if 400 <= status < 500:
+                is_4xx = True
                 self._errors_4xx.inc()
             elif status >= 500:
+                is_5xx = True
                 self._errors_5xx.inc()
         self._model_latency.observe(model_us)
         self._overhead_latency.observe(overhead_us)
         if first_byte_us is not None:
             self._first_byte.observe(first_byte_us)
+        stats = self._statistics
+        if stats is not None:
+            # 0/1 per invocation, so a period's Average is the error rate.
+            sets = stats.current()
+            add = stats.add
+            add(sets, INVOCATIONS, 1)
+            add(sets, ERRORS_4XX, is_4xx)
+            add(sets, ERRORS_5XX, is_5xx)
+            add(sets, MODEL_ERRORS, upstream_error is not None or not 200 <= status < 300)
+            add(sets, PER_INSTANCE, 1.0 / instances)
+            add(sets, MODEL_LATENCY, model_us)
+            add(sets, OVERHEAD_LATENCY, overhead_us)
+            if first_byte_us is not None:
+                add(sets, FIRST_BYTE, first_byte_us)
 
     def invocation_abandoned(self, *, instances: int) -> None:
         """The client went away while the model worked: an invocation, with no error class and no latency."""
         self._concurrent.dec()
+        self._in_flight -= 1
         self._invocations.inc()
         self._per_instance.inc(1.0 / instances)
         self._client_disconnects.inc()
+        stats = self._statistics
+        if stats is not None:
+            sets = stats.current()
+            for name, value in ((INVOCATIONS, 1), (ERRORS_4XX, 0), (ERRORS_5XX, 0), (MODEL_ERRORS, 0), (PER_INSTANCE, 1.0 / instances)):
+                stats.add(sets, name, value)
 
     def rejected(self, reason: str) -> None:
         self._rejected[reason].inc()

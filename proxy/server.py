@@ -13,18 +13,23 @@ import socket
 import tempfile
 from collections.abc import Callable, Iterator
 from multiprocessing.process import BaseProcess
+from typing import TYPE_CHECKING
 
 import uvicorn
 from prometheus_client import CollectorRegistry
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from metrics.recorder import InvocationRecorder
+from metrics.statistics import PeriodStatistics
 from proxy.admin import create_admin_app
 from proxy.app import DISCONNECT_EXTENSION, ProxyApp
 from proxy.errors import REJECT_REASONS, UPSTREAM_ERROR_REASONS
 from proxy.instances import StaticInstanceCount
 from proxy.settings import ConfigError, Settings
 from proxy.upstream import HttpUpstream
+
+if TYPE_CHECKING:
+    from metrics.cloudwatch import CloudWatchPublisher
 
 log = logging.getLogger("proxy")
 # Longer than the 60 s idle timeout of common load balancers, so they never reuse a connection we closed.
@@ -95,7 +100,45 @@ def _config(app: object, settings: Settings) -> uvicorn.Config:
     )
 
 
-def _proxy_app(settings: Settings, registry: CollectorRegistry) -> tuple[ProxyApp, HttpUpstream]:
+class _Background:
+    """What runs beside the request path in a process that serves it: today, the CloudWatch publisher."""
+
+    def __init__(self, settings: Settings, registry: CollectorRegistry) -> None:
+        self._settings = settings
+        self.statistics: PeriodStatistics | None = None
+        self._publisher: CloudWatchPublisher | None = None
+        self._task: asyncio.Task[None] | None = None
+        if settings.cloudwatch:
+            from metrics.cloudwatch import CloudWatchPublisher, CloudWatchTarget, PublisherHealth
+
+            self.statistics = PeriodStatistics(settings.cloudwatch_period)
+            target = CloudWatchTarget(
+                namespace=settings.cloudwatch_namespace,
+                dimensions=(("EndpointName", settings.endpoint_name), ("VariantName", settings.variant_name)),
+                storage_resolution=1 if settings.cloudwatch_period < 60 else 60,
+                region=settings.cloudwatch_region,
+                endpoint_url=settings.cloudwatch_endpoint_url,
+            )
+            self._publisher = CloudWatchPublisher(
+                self.statistics,
+                target,
+                PublisherHealth(registry, endpoint_name=settings.endpoint_name, variant_name=settings.variant_name),
+                buffer_periods=settings.cloudwatch_buffer_periods,
+            )
+
+    def start(self) -> None:
+        if self._publisher is not None:
+            self._task = asyncio.create_task(self._publisher.run())
+
+    async def stop(self) -> None:
+        """After the server has drained its requests: flush the last partial period, within the bound."""
+        if self._task is not None:
+            self._task.cancel()
+        if self._publisher is not None:
+            await self._publisher.flush(self._settings.cloudwatch_flush_timeout)
+
+
+def _proxy_app(settings: Settings, registry: CollectorRegistry, statistics: PeriodStatistics | None) -> tuple[ProxyApp, HttpUpstream]:
     recorder = InvocationRecorder(
         registry,
         endpoint_name=settings.endpoint_name,
@@ -104,6 +147,7 @@ def _proxy_app(settings: Settings, registry: CollectorRegistry) -> tuple[ProxyAp
         upstream_error_reasons=UPSTREAM_ERROR_REASONS,
         model_latency_buckets=settings.model_latency_buckets,
         overhead_latency_buckets=settings.overhead_latency_buckets,
+        statistics=statistics,
     )
     instances = StaticInstanceCount(settings.instance_count)
     recorder.live_instances(instances.current())
@@ -134,16 +178,19 @@ def _on_stop_signals(*servers: uvicorn.Server) -> None:
 async def serve(settings: Settings, proxy_sock: socket.socket, admin_sock: socket.socket) -> None:
     """One process: the proxy and the admin port in one loop, metrics in memory."""
     registry = CollectorRegistry()
-    app, upstream = _proxy_app(settings, registry)
+    background = _Background(settings, registry)
+    app, upstream = _proxy_app(settings, registry, background.statistics)
     admin = create_admin_app(lambda: registry, upstream, ping_path=settings.ping_path)
     proxy_server = _Server(_config(app, settings))
     admin_server = _Server(_config(admin, settings))
     _on_stop_signals(proxy_server, admin_server)
     _log_start(settings)
+    background.start()
     try:
         await asyncio.gather(proxy_server.serve([proxy_sock]), admin_server.serve([admin_sock]))
     finally:
         proxy_server.should_exit = admin_server.should_exit = True
+        await background.stop()
         await upstream.close()
 
 
@@ -170,12 +217,16 @@ def _worker_main(settings: Settings, proxy_sock: socket.socket) -> None:
 
 async def _serve_worker(settings: Settings, proxy_sock: socket.socket) -> None:
     # PROMETHEUS_MULTIPROC_DIR was set before this process started, so values live in its files.
-    app, upstream = _proxy_app(settings, CollectorRegistry())
+    registry = CollectorRegistry()
+    background = _Background(settings, registry)
+    app, upstream = _proxy_app(settings, registry, background.statistics)
     server = _Server(_config(app, settings))
     _on_stop_signals(server)
+    background.start()
     try:
         await server.serve([proxy_sock])
     finally:
+        await background.stop()
         await upstream.close()
 
 

@@ -44,6 +44,13 @@ class Settings:
     overhead_latency_buckets: tuple[float, ...] = DEFAULT_OVERHEAD_LATENCY_BUCKETS_US
     log_level: str = "info"
     workers: int = 1
+    cloudwatch: bool = False
+    cloudwatch_namespace: str = "SageMakerProxy"
+    cloudwatch_period: int = 60
+    cloudwatch_region: str | None = None
+    cloudwatch_endpoint_url: str | None = None
+    cloudwatch_buffer_periods: int = 120
+    cloudwatch_flush_timeout: float = 10.0
     # Benchmark-only: forward without recording metrics, to measure what recording costs.
     record_metrics: bool = field(default=True)
 
@@ -111,6 +118,36 @@ def _buckets(raw: str) -> tuple[float, ...]:
     return values
 
 
+def _bool(raw: str) -> bool:
+    value = raw.strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off", ""):
+        return False
+    raise ValueError(f"must be true or false, got {raw!r}")
+
+
+def _namespace(raw: str) -> str:
+    if raw.startswith("AWS/"):
+        raise ValueError(f"CloudWatch reserves namespaces starting with 'AWS/' for AWS services, got {raw!r}; use your own, such as SageMakerProxy")
+    if not 1 <= len(raw) <= 255 or not re.fullmatch(r"[A-Za-z0-9.\-_/#: ]+", raw) or raw.startswith(":"):
+        raise ValueError(f"must be 1-255 letters, digits and . - _ / # : or space, got {raw!r}")
+    return raw
+
+
+def _period(raw: str) -> int:
+    if raw.strip() not in ("1", "5", "10", "30", "60"):
+        raise ValueError(f"must be 60 (standard resolution) or 1, 5, 10 or 30 (high resolution), got {raw!r}")
+    return int(raw)
+
+
+def _http_url(raw: str) -> str:
+    parts = urlsplit(raw)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise ValueError(f"must be an http:// or https:// URL, got {raw!r}")
+    return raw
+
+
 def _log_level(raw: str) -> str:
     if raw.lower() not in LOG_LEVELS:
         raise ValueError(f"must be one of {', '.join(LOG_LEVELS)}, got {raw!r}")
@@ -130,6 +167,7 @@ class Option:
     help: str
     default: str | None = None
     repeatable: bool = False
+    switch: bool = False  # takes no value on the command line: present means true
 
     @property
     def dest(self) -> str:
@@ -155,6 +193,13 @@ SERVE_OPTIONS: tuple[Option, ...] = (
     Option("--model-latency-buckets", _buckets, "ModelLatency histogram buckets, comma-separated microseconds", ",".join(f"{b:.0f}" for b in DEFAULT_MODEL_LATENCY_BUCKETS_US)),
     Option("--overhead-latency-buckets", _buckets, "OverheadLatency histogram buckets, comma-separated microseconds", ",".join(f"{b:.0f}" for b in DEFAULT_OVERHEAD_LATENCY_BUCKETS_US)),
     Option("--workers", _int_between(1, 64), "worker processes sharing the proxy port; metrics are merged into one set", "1"),
+    Option("--cloudwatch", _bool, "publish the metrics to CloudWatch with PutMetricData", "false", switch=True),
+    Option("--cloudwatch-namespace", _namespace, "CloudWatch namespace for the invocation metrics; not AWS/...", "SageMakerProxy"),
+    Option("--cloudwatch-period", _period, "seconds per statistic set: 60, or 1, 5, 10, 30 for high resolution", "60"),
+    Option("--cloudwatch-region", str, "AWS region (default: boto3's chain, e.g. AWS_REGION)"),
+    Option("--cloudwatch-endpoint-url", _http_url, "CloudWatch endpoint, for compatible services and tests"),
+    Option("--cloudwatch-buffer-periods", _int_between(1, 100_000), "ended periods kept while CloudWatch is unreachable; the oldest are dropped beyond", "120"),
+    Option("--cloudwatch-flush-timeout", _positive_float, "seconds allowed at shutdown to publish the last partial period", "10"),
     Option("--log-level", _log_level, "log level: " + ", ".join(LOG_LEVELS), "info"),
 )
 REQUIRED = ("upstream", "endpoint_name")
@@ -167,6 +212,8 @@ def add_options(parser: argparse.ArgumentParser, options: Sequence[Option]) -> N
         help_text = f"{option.help}{default_text} [env {option.env}]"
         if option.repeatable:
             parser.add_argument(option.flag, dest=option.dest, action="append", help=help_text)
+        elif option.switch:
+            parser.add_argument(option.flag, dest=option.dest, action="store_const", const="true", help=help_text)
         else:
             parser.add_argument(option.flag, dest=option.dest, help=help_text)
     # Benchmark-only switch; not part of the user-facing flags.
@@ -215,5 +262,12 @@ def resolve(args: argparse.Namespace, environ: Mapping[str, str], options: Seque
         overhead_latency_buckets=values["overhead_latency_buckets"],
         log_level=values["log_level"],
         workers=values["workers"],
+        cloudwatch=values["cloudwatch"],
+        cloudwatch_namespace=values["cloudwatch_namespace"],
+        cloudwatch_period=values["cloudwatch_period"],
+        cloudwatch_region=values.get("cloudwatch_region"),
+        cloudwatch_endpoint_url=values.get("cloudwatch_endpoint_url"),
+        cloudwatch_buffer_periods=values["cloudwatch_buffer_periods"],
+        cloudwatch_flush_timeout=values["cloudwatch_flush_timeout"],
         record_metrics=getattr(args, "record_metrics", True),
     )

@@ -1,0 +1,290 @@
+"""CloudWatch publishing: statistic sets per period, against moto's CloudWatch server on loopback."""
+
+from __future__ import annotations
+
+import http.client
+import http.server
+import signal
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import boto3
+import httpx
+import pytest
+
+from metrics.cloudwatch import CloudWatchTarget, batches, classify, datums
+from metrics.statistics import Period, PeriodStatistics, StatisticSet
+from tests.conftest import ROOT, Proxy, Running, free_port, start
+
+AWS_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
+IRIS = {"instances": [[5.1, 3.5, 1.4, 0.2]]}
+
+
+# -- unit: statistic sets and PutMetricData shaping ------------------------------------------------
+
+
+def test_period_statistics_roll_over_on_the_wall_clock() -> None:
+    now = [1000.5]
+    stats = PeriodStatistics(60, wallclock=lambda: now[0])
+    for value in (3, 1, 2):
+        stats.add(stats.current(), "ModelLatency", value)
+    assert stats.take_closed() == []
+    now[0] = 1020.0  # the period started at 960 runs until 1020
+    stats.add(stats.current(), "ModelLatency", 10)
+    closed = stats.take_closed()
+    assert [p.start for p in closed] == [960]
+    assert closed[0].sets["ModelLatency"] == StatisticSet(count=3, total=6, minimum=1, maximum=3)
+    rest = stats.take_all()
+    assert [p.start for p in rest] == [1020]
+    assert rest[0].sets["ModelLatency"] == StatisticSet(count=1, total=10, minimum=10, maximum=10)
+    assert stats.take_all() == []
+
+
+def test_datums_are_statistic_sets_with_units_and_no_nan() -> None:
+    target = CloudWatchTarget("NS", (("EndpointName", "ep"), ("VariantName", "v")), storage_resolution=1)
+    period = Period(1200, {"ModelLatency": StatisticSet(2, 30.0, 10.0, 20.0), "Broken": StatisticSet(1, float("nan"), 1, 1)})
+    [datum] = datums(period, target, {"ModelLatency": "Microseconds"})
+    assert datum == {
+        "MetricName": "ModelLatency",
+        "Dimensions": [{"Name": "EndpointName", "Value": "ep"}, {"Name": "VariantName", "Value": "v"}],
+        "Timestamp": 1200,
+        "StatisticValues": {"SampleCount": 2.0, "Sum": 30.0, "Minimum": 10.0, "Maximum": 20.0},
+        "Unit": "Microseconds",
+        "StorageResolution": 1,
+    }
+
+
+def test_batches_respect_the_put_metric_data_limits() -> None:
+    items = [{"MetricName": str(i)} for i in range(2500)]
+    sizes = [len(b) for b in batches(items)]
+    assert sum(sizes) == 2500
+    assert max(sizes) <= 1000
+    assert max(sizes) * 600 <= 1_000_000
+
+
+def test_errors_are_classified() -> None:
+    from botocore.exceptions import ClientError, EndpointConnectionError, NoCredentialsError
+
+    def client_error(code: str, status: int) -> ClientError:
+        return ClientError({"Error": {"Code": code, "Message": "m"}, "ResponseMetadata": {"HTTPStatusCode": status}}, "PutMetricData")
+
+    assert classify(client_error("Throttling", 400))[0] == "throttled"
+    assert classify(client_error("InternalFailure", 500))[0] == "server_error"
+    assert classify(client_error("AccessDenied", 403))[0] == "credentials"
+    assert classify(client_error("InvalidParameterValue", 400))[0] == "rejected"
+    assert classify(NoCredentialsError())[0] == "credentials"
+    assert classify(EndpointConnectionError(endpoint_url="http://x"))[0] == "network"
+
+
+# -- end to end: the real proxy, moto's server, boto3 reading back ---------------------------------
+
+
+def start_moto(port: int, log: Path) -> Running:
+    return start(["-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)], port, log)
+
+
+@pytest.fixture
+def moto(tmp_path: Path) -> Iterator[Running]:
+    running = start_moto(free_port(), tmp_path / "moto.log")
+    yield running
+    running.stop()
+
+
+@pytest.fixture
+def aws_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    for key, value in AWS_ENV.items():
+        monkeypatch.setenv(key, value)
+
+
+def statistics(endpoint_url: str, namespace: str, metric: str, variant: str = "AllTraffic") -> dict[str, float]:
+    """SampleCount, Sum, Minimum and Maximum of one metric over the last minutes, as CloudWatch aggregates them."""
+    client = boto3.client("cloudwatch", endpoint_url=endpoint_url, region_name="us-east-1")
+    now = datetime.now(UTC)
+    response = client.get_metric_statistics(
+        Namespace=namespace,
+        MetricName=metric,
+        Dimensions=[{"Name": "EndpointName", "Value": "test-endpoint"}, {"Name": "VariantName", "Value": variant}],
+        StartTime=now - timedelta(minutes=10),
+        EndTime=now + timedelta(minutes=5),
+        Period=3600,
+        Statistics=["SampleCount", "Sum", "Minimum", "Maximum"],
+    )
+    points = response["Datapoints"]
+    if not points:
+        return {}
+    assert len(points) == 1, points
+    return {k: points[0][k] for k in ("SampleCount", "Sum", "Minimum", "Maximum")} | {"Unit": points[0].get("Unit")}
+
+
+def wait_for_statistics(endpoint_url: str, namespace: str, metric: str, count: int, timeout: float = 20) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    seen: dict[str, Any] = {}
+    while time.monotonic() < deadline:
+        seen = statistics(endpoint_url, namespace, metric)
+        if seen.get("SampleCount") == count:
+            return seen
+        time.sleep(0.25)
+    raise AssertionError(f"{metric}: expected SampleCount {count}, CloudWatch has {seen}")
+
+
+def cloudwatch_flags(endpoint_url: str, namespace: str, period: str = "1") -> list[str]:
+    return ["--cloudwatch", "--cloudwatch-endpoint-url", endpoint_url, "--cloudwatch-namespace", namespace, "--cloudwatch-period", period]
+
+
+def send_mix(proxy: Proxy) -> None:
+    """6 good invocations taking at least 20 ms, 2 of the model's 404s, 1 of its 500s."""
+    for _ in range(6):
+        assert httpx.post(f"{proxy.url}/invocations", json=IRIS, headers={"X-Test-Delay-Ms": "20"}).status_code == 200
+    for _ in range(2):
+        assert httpx.post(f"{proxy.url}/invocations", json=IRIS, headers={"X-Test-Status": "404"}).status_code == 404
+    assert httpx.post(f"{proxy.url}/invocations", json=IRIS, headers={"X-Test-Status": "500"}).status_code == 500
+
+
+@pytest.mark.e2e
+def test_statistic_sets_arrive_in_cloudwatch(model: Running, moto: Running, aws_env: None, start_proxy: Callable[..., Proxy]) -> None:
+    namespace = f"Test{uuid.uuid4().hex[:8]}"
+    proxy = start_proxy(model.url, *cloudwatch_flags(moto.url, namespace))
+    send_mix(proxy)
+    invocations = wait_for_statistics(moto.url, namespace, "Invocations", 9)
+    assert invocations["Sum"] == 9 and invocations["Minimum"] == 1 and invocations["Maximum"] == 1
+    errors_4xx = statistics(moto.url, namespace, "Invocation4XXErrors")
+    assert (errors_4xx["SampleCount"], errors_4xx["Sum"], errors_4xx["Maximum"]) == (9, 2, 1)
+    assert statistics(moto.url, namespace, "Invocation5XXErrors")["Sum"] == 1
+    assert statistics(moto.url, namespace, "InvocationModelErrors")["Sum"] == 3
+    assert statistics(moto.url, namespace, "InvocationsPerInstance")["Sum"] == 9
+    latency = statistics(moto.url, namespace, "ModelLatency")
+    assert latency["SampleCount"] == 9
+    assert latency["Unit"] == "Microseconds"
+    assert 20_000 <= latency["Maximum"] < 1_000_000
+    # The same figures as the Prometheus histogram, which sees the same invocations.
+    assert latency["Sum"] == pytest.approx(proxy.value("sagemaker_model_latency_microseconds_sum"))
+    overhead = statistics(moto.url, namespace, "OverheadLatency")
+    assert overhead["SampleCount"] == 9 and 0 < overhead["Minimum"] <= overhead["Maximum"] < 100_000
+    concurrency = statistics(moto.url, namespace, "ConcurrentRequestsPerModel")
+    assert concurrency["Minimum"] == 1 and concurrency["Maximum"] == 1  # one request at a time
+    assert proxy.value("sagemaker_proxy_cloudwatch_last_success_timestamp_seconds") > time.time() - 60
+
+
+@pytest.mark.e2e
+def test_cloudwatch_down_at_start_then_up_loses_nothing(model: Running, aws_env: None, tmp_path: Path,
+                                                        start_proxy: Callable[..., Proxy]) -> None:
+    port = free_port()
+    endpoint = f"http://127.0.0.1:{port}"
+    namespace = f"Test{uuid.uuid4().hex[:8]}"
+    proxy = start_proxy(model.url, *cloudwatch_flags(endpoint, namespace))
+    send_mix(proxy)
+    time.sleep(2.5)  # at least one period ends and its publish fails
+    assert proxy.value("sagemaker_proxy_cloudwatch_publish_failures_total", reason="network") >= 1
+    assert proxy.value("sagemaker_proxy_cloudwatch_buffered_periods") >= 1
+    send_mix(proxy)
+    moto = start_moto(port, tmp_path / "moto.log")
+    try:
+        invocations = wait_for_statistics(endpoint, namespace, "Invocations", 18, timeout=40)
+        assert invocations["Sum"] == 18
+        assert proxy.value("sagemaker_proxy_cloudwatch_dropped_datapoints_total") == 0
+    finally:
+        moto.stop()
+
+
+class ThrottlingFront(http.server.ThreadingHTTPServer):
+    """Answers the first ``throttle`` PutMetricData calls with CloudWatch's Throttling error, then forwards to moto."""
+
+    def __init__(self, port: int, upstream_port: int, throttle: int) -> None:
+        self.upstream_port = upstream_port
+        self.throttle = throttle
+        self.throttled = 0
+        self.lock = threading.Lock()
+        super().__init__(("127.0.0.1", port), _ThrottlingHandler)
+
+
+class _ThrottlingHandler(http.server.BaseHTTPRequestHandler):
+    server: ThrottlingFront
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+    def do_POST(self) -> None:
+        body = self.rfile.read(int(self.headers.get("content-length", 0)))
+        with self.server.lock:
+            # botocore speaks JSON to CloudWatch (the operation in X-Amz-Target), or the query protocol (in the body).
+            put = self.headers.get("x-amz-target", "").endswith(".PutMetricData") or b"Action=PutMetricData" in body
+            throttle = put and self.server.throttled < self.server.throttle
+            if throttle:
+                self.server.throttled += 1
+        if throttle:
+            self.send_response(400)
+            if self.headers.get("x-amz-target"):
+                error = b'{"__type": "Throttling", "message": "Rate exceeded"}'
+                self.send_header("content-type", "application/x-amz-json-1.0")
+                self.send_header("x-amzn-query-error", "Throttling;Sender")
+            else:
+                error = (
+                    b'<ErrorResponse xmlns="http://monitoring.amazonaws.com/doc/2010-08-01/"><Error><Type>Sender</Type>'
+                    b"<Code>Throttling</Code><Message>Rate exceeded</Message></Error><RequestId>1</RequestId></ErrorResponse>"
+                )
+                self.send_header("content-type", "text/xml")
+            self.send_header("content-length", str(len(error)))
+            self.end_headers()
+            self.wfile.write(error)
+            return
+        conn = http.client.HTTPConnection("127.0.0.1", self.server.upstream_port, timeout=10)
+        conn.request("POST", self.path, body, {k: v for k, v in self.headers.items() if k.lower() != "host"})
+        response = conn.getresponse()
+        data = response.read()
+        self.send_response(response.status)
+        for key, value in response.getheaders():
+            if key.lower() not in ("transfer-encoding", "connection", "content-length", "server", "date"):
+                self.send_header(key, value)
+        self.send_header("content-length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+        conn.close()
+
+
+@pytest.mark.e2e
+def test_throttling_is_retried(model: Running, moto: Running, aws_env: None, start_proxy: Callable[..., Proxy]) -> None:
+    front = ThrottlingFront(free_port(), moto.port, throttle=3)
+    threading.Thread(target=front.serve_forever, daemon=True).start()
+    try:
+        endpoint = f"http://127.0.0.1:{front.server_address[1]}"
+        namespace = f"Test{uuid.uuid4().hex[:8]}"
+        proxy = start_proxy(model.url, *cloudwatch_flags(endpoint, namespace))
+        send_mix(proxy)
+        invocations = wait_for_statistics(moto.url, namespace, "Invocations", 9, timeout=40)
+        assert invocations["Sum"] == 9
+        assert front.throttled == 3
+        assert proxy.value("sagemaker_proxy_cloudwatch_publish_failures_total", reason="throttled") == 3
+    finally:
+        front.shutdown()
+        front.server_close()
+
+
+@pytest.mark.e2e
+def test_shutdown_flushes_the_partial_period(model: Running, moto: Running, aws_env: None, start_proxy: Callable[..., Proxy]) -> None:
+    namespace = f"Test{uuid.uuid4().hex[:8]}"
+    # A 60 s period: nothing would be published before it ends, unless the shutdown flushes it.
+    proxy = start_proxy(model.url, *cloudwatch_flags(moto.url, namespace, period="60"))
+    send_mix(proxy)
+    assert statistics(moto.url, namespace, "Invocations") == {}
+    proxy.proc.send_signal(signal.SIGTERM)
+    assert proxy.proc.wait(20) == 0
+    invocations = statistics(moto.url, namespace, "Invocations")
+    assert (invocations["SampleCount"], invocations["Sum"]) == (9, 9)
+
+
+def test_an_aws_namespace_is_refused_at_start() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "proxy", "serve", "--upstream", "http://127.0.0.1:1", "--endpoint-name", "e",
+         "--cloudwatch", "--cloudwatch-namespace", "AWS/SageMaker", "--port", str(free_port()), "--metrics-port", str(free_port())],
+        cwd=ROOT, capture_output=True, text=True, timeout=30,
+    )
+    assert result.returncode == 2
+    [line] = result.stderr.strip().splitlines()
+    assert line.startswith("sagemaker-metrics-proxy: error: --cloudwatch-namespace: CloudWatch reserves namespaces starting with 'AWS/'")
