@@ -288,3 +288,72 @@ def test_an_aws_namespace_is_refused_at_start() -> None:
     assert result.returncode == 2
     [line] = result.stderr.strip().splitlines()
     assert line.startswith("sagemaker-metrics-proxy: error: --cloudwatch-namespace: CloudWatch reserves namespaces starting with 'AWS/'")
+
+
+# -- the publisher's failure handling, with a fake client that implements put_metric_data ----------
+
+
+class RefusingClient:
+    """A CloudWatch client whose every PutMetricData fails with ``error``."""
+
+    def __init__(self, error: Exception) -> None:
+        self.error = error
+        self.calls = 0
+
+    def put_metric_data(self, **kwargs: Any) -> None:
+        self.calls += 1
+        raise self.error
+
+
+def make_publisher(client: Any, buffer_periods: int, now: list[float]) -> tuple[Any, Any, Any]:
+    from prometheus_client import CollectorRegistry
+
+    from metrics.cloudwatch import CloudWatchPublisher, PublisherHealth
+
+    registry = CollectorRegistry()
+    stats = PeriodStatistics(60, wallclock=lambda: now[0])
+    target = CloudWatchTarget("NS", (("EndpointName", "e"), ("VariantName", "v")), storage_resolution=60)
+    health = PublisherHealth(registry, endpoint_name="e", variant_name="v")
+    publisher = CloudWatchPublisher(
+        stats, target, health, buffer_periods=buffer_periods, client_factory=lambda: client, backoff_s=(0.001, 0.002),
+        wallclock=lambda: now[0],
+    )
+    return publisher, stats, registry
+
+
+def test_a_full_buffer_drops_the_oldest_periods_and_counts_them() -> None:
+    import asyncio
+
+    from botocore.exceptions import EndpointConnectionError
+
+    now = [6000.0]
+    publisher, stats, registry = make_publisher(RefusingClient(EndpointConnectionError(endpoint_url="http://x")), 2, now)
+    for _ in range(4):  # four periods of two metrics each, while CloudWatch is unreachable
+        sets = stats.current()
+        stats.add(sets, "Invocations", 1)
+        stats.add(sets, "ModelLatency", 100)
+        now[0] += 60
+    assert asyncio.run(publisher.flush(0.05)) is False
+    labels = {"endpoint_name": "e", "variant_name": "v"}
+    assert registry.get_sample_value("sagemaker_proxy_cloudwatch_dropped_datapoints_total", labels) == 4
+    assert registry.get_sample_value("sagemaker_proxy_cloudwatch_buffered_periods", labels) == 2
+    assert registry.get_sample_value("sagemaker_proxy_cloudwatch_publish_failures_total", {**labels, "reason": "network"}) >= 1
+
+
+def test_a_credential_error_is_logged_once(caplog: pytest.LogCaptureFixture) -> None:
+    import asyncio
+
+    from botocore.exceptions import ClientError
+
+    denied = ClientError({"Error": {"Code": "AccessDenied", "Message": "no"}, "ResponseMetadata": {"HTTPStatusCode": 403}}, "PutMetricData")
+    client = RefusingClient(denied)
+    now = [6000.0]
+    publisher, stats, registry = make_publisher(client, 10, now)
+    stats.add(stats.current(), "Invocations", 1)
+    with caplog.at_level("WARNING", logger="proxy.cloudwatch"):
+        assert asyncio.run(publisher.flush(0.1)) is False
+    assert client.calls > 1
+    refused = [r for r in caplog.records if "refused our credentials" in r.getMessage()]
+    assert len(refused) == 1 and refused[0].levelname == "ERROR"
+    labels = {"endpoint_name": "e", "variant_name": "v", "reason": "credentials"}
+    assert registry.get_sample_value("sagemaker_proxy_cloudwatch_publish_failures_total", labels) == client.calls
