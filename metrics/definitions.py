@@ -116,6 +116,36 @@ CLOUDWATCH_PUBLISHED = MetricDefinition(
     "Datapoints (statistic sets) accepted by CloudWatch.",
 )
 
+# Instance metrics: percent, sampled in the background. CPU and GPU are 0-100 per unit (4 CPUs: 0-400).
+# Prometheus labels endpoint_name, variant_name, host; CloudWatch dimension Host, and EndpointName, VariantName.
+HOST_LABELS = ("host",)
+CPU_UTILIZATION = MetricDefinition(
+    "sagemaker_cpu_utilization_percent", Kind.GAUGE,
+    "CPU used by the watched containers over the last interval, percent of one CPU (0-100 x CPUs).",
+    "CPUUtilization", "Percent", HOST_LABELS,
+)
+MEMORY_UTILIZATION = MetricDefinition(
+    "sagemaker_memory_utilization_percent", Kind.GAUGE,
+    "Memory in use by the watched containers (without reclaimable page cache), percent of their limit or of the host.",
+    "MemoryUtilization", "Percent", HOST_LABELS,
+)
+GPU_UTILIZATION = MetricDefinition(
+    "sagemaker_gpu_utilization_percent", Kind.GAUGE,
+    "GPU utilization summed over the host's GPUs (0-100 x GPUs); absent without a GPU.",
+    "GPUUtilization", "Percent", HOST_LABELS,
+)
+GPU_MEMORY_UTILIZATION = MetricDefinition(
+    "sagemaker_gpu_memory_utilization_percent", Kind.GAUGE,
+    "GPU memory in use summed over the host's GPUs (0-100 x GPUs); absent without a GPU.",
+    "GPUMemoryUtilization", "Percent", HOST_LABELS,
+)
+DISK_UTILIZATION = MetricDefinition(
+    "sagemaker_disk_utilization_percent", Kind.GAUGE,
+    "Used space of the file system that holds the model directory, percent.",
+    "DiskUtilization", "Percent", HOST_LABELS,
+)
+HOST_METRICS = (CPU_UTILIZATION, MEMORY_UTILIZATION, GPU_UTILIZATION, GPU_MEMORY_UTILIZATION, DISK_UTILIZATION)
+
 INVOCATION_METRICS = (
     INVOCATIONS,
     INVOCATION_4XX_ERRORS,
@@ -138,6 +168,7 @@ ALL_METRICS = (
     CLOUDWATCH_BUFFERED_PERIODS,
     CLOUDWATCH_DROPPED,
     CLOUDWATCH_PUBLISHED,
+    *HOST_METRICS,
 )
 
 # Histogram buckets in microseconds: 100 us to 120 s for the model, 10 us to 1 s for the overhead.
