@@ -154,6 +154,9 @@ class ProxyApp:
         if isinstance(body, Fault):
             return await self._refuse(send, body)
 
+        if not self._upstream.ready():
+            return await self._refuse(send, Fault.NO_LIVE_INSTANCE)
+
         invocation = self._record and (method, scope["path"]) in self._routes
         query: bytes = scope.get("query_string", b"")
         target = raw_path + b"?" + query if query else raw_path

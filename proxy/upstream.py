@@ -35,6 +35,10 @@ class UpstreamClient(Protocol):
 
     authority: bytes
 
+    def ready(self) -> bool:
+        """False when no model instance can take a request (nothing is sent then: a 503, not an invocation)."""
+        ...
+
     async def request(self, method: bytes, target: bytes, headers: Headers, body: bytes) -> UpstreamResponse: ...
 
     async def close(self) -> None: ...
@@ -304,6 +308,9 @@ class HttpUpstream:
         self.authority = parts.netloc.encode("ascii")
         self._loop = loop
         self._idle: list[_Connection] = []
+
+    def ready(self) -> bool:
+        return True  # one model: a failed call is an invocation that the model failed
 
     @property
     def loop(self) -> asyncio.AbstractEventLoop:

@@ -66,6 +66,9 @@ class FakeUpstream:
             raise self.response
         return self.response
 
+    def ready(self) -> bool:
+        return True
+
     async def close(self) -> None:
         pass
 
