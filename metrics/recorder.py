@@ -22,30 +22,16 @@ FIRST_BYTE = d.MODEL_FIRST_BYTE_LATENCY.cloudwatch_name or ""
 CONCURRENT = d.CONCURRENT_REQUESTS_PER_MODEL.cloudwatch_name or ""
 
 
-def _labelled(metric: Counter | Gauge | Histogram, endpoint: str, variant: str):  # type: ignore[no-untyped-def]
-    return metric.labels(endpoint_name=endpoint, variant_name=variant)
-
-
-class InvocationRecorder:
-    """Records invocation outcomes for one variant into a Prometheus registry.
-
-    Label children are resolved once here, so recording is a handful of lock-protected additions.
-    """
+class InvocationMetrics:
+    """The invocation metric families of one registry, registered once; each variant records through its own labels."""
 
     def __init__(
         self,
         registry: CollectorRegistry,
         *,
-        endpoint_name: str,
-        variant_name: str,
-        reject_reasons: Sequence[str],
-        upstream_error_reasons: Sequence[str],
         model_latency_buckets: Sequence[float] = d.DEFAULT_MODEL_LATENCY_BUCKETS_US,
         overhead_latency_buckets: Sequence[float] = d.DEFAULT_OVERHEAD_LATENCY_BUCKETS_US,
-        statistics: PeriodStatistics | None = None,
     ) -> None:
-        self._statistics = statistics
-        self._in_flight = 0
         labels = d.VARIANT_LABELS
 
         def counter(m: d.MetricDefinition) -> Counter:
@@ -57,20 +43,54 @@ class InvocationRecorder:
         def gauge(m: d.MetricDefinition, mode: Literal["livesum", "livemax"]) -> Gauge:
             return Gauge(m.prometheus_name, m.help, labels, registry=registry, multiprocess_mode=mode)
 
+        self.invocations = counter(d.INVOCATIONS)
+        self.errors_4xx = counter(d.INVOCATION_4XX_ERRORS)
+        self.errors_5xx = counter(d.INVOCATION_5XX_ERRORS)
+        self.model_errors = counter(d.INVOCATION_MODEL_ERRORS)
+        self.per_instance = counter(d.INVOCATIONS_PER_INSTANCE)
+        self.model_latency = histogram(d.MODEL_LATENCY, model_latency_buckets)
+        self.overhead_latency = histogram(d.OVERHEAD_LATENCY, overhead_latency_buckets)
+        self.first_byte = histogram(d.MODEL_FIRST_BYTE_LATENCY, model_latency_buckets)
+        self.concurrent = gauge(d.CONCURRENT_REQUESTS_PER_MODEL, "livesum")
+        self.live_instances = gauge(d.LIVE_INSTANCES, "livemax")
+        self.client_disconnects = counter(d.CLIENT_DISCONNECTS)
+        self.rejected = counter(d.REJECTED_REQUESTS)
+        self.upstream_errors = counter(d.UPSTREAM_ERRORS)
+
+
+class InvocationRecorder:
+    """Records invocation outcomes for one variant.
+
+    Label children are resolved once here, so recording is a handful of lock-protected additions.
+    """
+
+    def __init__(
+        self,
+        metrics: InvocationMetrics,
+        *,
+        endpoint_name: str,
+        variant_name: str,
+        reject_reasons: Sequence[str],
+        upstream_error_reasons: Sequence[str],
+        statistics: PeriodStatistics | None = None,
+    ) -> None:
+        self._statistics = statistics
+        self._in_flight = 0
         e, v = endpoint_name, variant_name
-        self._invocations = _labelled(counter(d.INVOCATIONS), e, v)
-        self._errors_4xx = _labelled(counter(d.INVOCATION_4XX_ERRORS), e, v)
-        self._errors_5xx = _labelled(counter(d.INVOCATION_5XX_ERRORS), e, v)
-        self._model_errors = _labelled(counter(d.INVOCATION_MODEL_ERRORS), e, v)
-        self._per_instance = _labelled(counter(d.INVOCATIONS_PER_INSTANCE), e, v)
-        self._model_latency = _labelled(histogram(d.MODEL_LATENCY, model_latency_buckets), e, v)
-        self._overhead_latency = _labelled(histogram(d.OVERHEAD_LATENCY, overhead_latency_buckets), e, v)
-        self._first_byte = _labelled(histogram(d.MODEL_FIRST_BYTE_LATENCY, model_latency_buckets), e, v)
-        self._concurrent = _labelled(gauge(d.CONCURRENT_REQUESTS_PER_MODEL, "livesum"), e, v)
-        self._live_instances = _labelled(gauge(d.LIVE_INSTANCES, "livemax"), e, v)
-        self._client_disconnects = _labelled(counter(d.CLIENT_DISCONNECTS), e, v)
-        rejected = counter(d.REJECTED_REQUESTS)
-        upstream_errors = counter(d.UPSTREAM_ERRORS)
+        m = metrics
+        self._invocations = m.invocations.labels(e, v)
+        self._errors_4xx = m.errors_4xx.labels(e, v)
+        self._errors_5xx = m.errors_5xx.labels(e, v)
+        self._model_errors = m.model_errors.labels(e, v)
+        self._per_instance = m.per_instance.labels(e, v)
+        self._model_latency = m.model_latency.labels(e, v)
+        self._overhead_latency = m.overhead_latency.labels(e, v)
+        self._first_byte = m.first_byte.labels(e, v)
+        self._concurrent = m.concurrent.labels(e, v)
+        self._live_instances = m.live_instances.labels(e, v)
+        self._client_disconnects = m.client_disconnects.labels(e, v)
+        rejected = m.rejected
+        upstream_errors = m.upstream_errors
         # Children created up front so every reason is exported as 0 before it first happens.
         self._rejected = {r: rejected.labels(e, v, r) for r in reject_reasons}
         self._upstream_errors = {r: upstream_errors.labels(e, v, r) for r in upstream_error_reasons}

@@ -14,9 +14,14 @@ OverheadLatency = ``(t_out - t_in) - ModelLatency``.
 from __future__ import annotations
 
 import asyncio
+import bisect
+import itertools
+import json
 import logging
+import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 from metrics.recorder import InvocationRecorder
 from proxy.errors import Fault, UpstreamError
@@ -27,7 +32,9 @@ from proxy.upstream import UpstreamClient, UpstreamResponse
 log = logging.getLogger("proxy")
 
 # Hop-by-hop headers (RFC 9110 7.6.1) plus those this proxy sets itself.
+TARGET_VARIANT_HEADER = b"x-amzn-sagemaker-target-variant"
 REQUEST_DROP = frozenset({
+    TARGET_VARIANT_HEADER,
     b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding", b"te", b"trailer", b"upgrade",
     b"proxy-authorization", b"proxy-authenticate", b"expect", b"host", b"content-length",
     b"x-forwarded-proto", b"x-forwarded-host",
@@ -108,31 +115,56 @@ class _Guard:
             self._watcher.cancel()
 
 
+@dataclass(frozen=True)
+class Variant:
+    """A production variant: its model instances, its live count, its metrics, its share of the traffic."""
+
+    name: str
+    upstream: UpstreamClient
+    recorder: InvocationRecorder
+    instances: InstanceCountSource
+    weight: float = 1.0
+
+
 class ProxyApp:
-    """The ASGI application on the proxy port: every request goes to the model; invocations are recorded."""
+    """The ASGI application on the proxy port: every request goes to a model; invocations are recorded.
+
+    With several variants, ``X-Amzn-SageMaker-Target-Variant`` picks one, else their weights do.
+    """
 
     def __init__(
         self,
         *,
-        upstream: UpstreamClient,
-        recorder: InvocationRecorder,
-        instances: InstanceCountSource,
-        variant_name: str,
+        variants: Sequence[Variant],
         invocation_routes: frozenset[tuple[str, str]],
         max_payload_bytes: int,
         invocation_timeout: float,
         record: bool = True,
         clock: Callable[[], int] = time.perf_counter_ns,
+        random: Callable[[], float] = random.random,
     ) -> None:
-        self._upstream = upstream
-        self._recorder = recorder
-        self._instances = instances
-        self._variant = variant_name.encode()
+        if not variants:
+            raise ValueError("at least one variant is needed")
+        self._variants = {v.name.encode(): v for v in variants}
+        self._default = variants[0]
+        self._choices = list(variants) if len(variants) > 1 else []
+        total = sum(v.weight for v in variants)
+        self._cumulative = list(itertools.accumulate(v.weight / total for v in variants))
+        self._random = random
         self._routes = invocation_routes
         self._max_payload = max_payload_bytes
         self._timeout = invocation_timeout
         self._record = record
         self._clock = clock
+
+    def _choose(self, target: bytes | None) -> Variant | None:
+        """The variant for this request; None for an unknown target variant."""
+        if target is not None:
+            return self._variants.get(target)
+        if not self._choices:
+            return self._default
+        i = bisect.bisect_right(self._cumulative, self._random())
+        return self._choices[min(i, len(self._choices) - 1)]
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -147,15 +179,23 @@ class ProxyApp:
         raw_path: bytes = scope.get("raw_path") or scope["path"].encode()
         if not raw_path.startswith(b"/"):
             return await self._refuse(send, Fault.MALFORMED_REQUEST, "request target must be a path")
-        headers, declared = self._request_headers(scope)
+        headers, declared, target_variant = self._request_headers(scope)
         if declared is not None and declared > self._max_payload:
             return await self._refuse(send, Fault.PAYLOAD_TOO_LARGE)
+        variant = self._choose(target_variant)
+        if variant is None:
+            asked = (target_variant or b"").decode("latin-1")[:80]
+            known = ", ".join(v.name for v in self._variants.values())
+            return await self._refuse(send, Fault.UNKNOWN_VARIANT, f"no production variant {asked!r}; this endpoint has {known}")
         body = await self._read_body(receive)
         if isinstance(body, Fault):
-            return await self._refuse(send, body)
+            return await self._refuse(send, body, variant=variant)
 
-        if not self._upstream.ready():
-            return await self._refuse(send, Fault.NO_LIVE_INSTANCE)
+        upstream = variant.upstream
+        recorder = variant.recorder
+        if not upstream.ready():
+            return await self._refuse(send, Fault.NO_LIVE_INSTANCE, variant=variant)
+        headers[0] = (b"host", upstream.authority)
 
         invocation = self._record and (method, scope["path"]) in self._routes
         query: bytes = scope.get("query_string", b"")
@@ -164,8 +204,8 @@ class ProxyApp:
         guard = _Guard(loop, self._timeout, scope, receive)
         instances = 1
         if invocation:
-            instances = self._instances.current()
-            self._recorder.invocation_started()
+            instances = variant.instances.current()
+            recorder.invocation_started()
 
         response: UpstreamResponse | None = None
         status = 0
@@ -179,17 +219,17 @@ class ProxyApp:
             # Forward.
             t_send = clock()
             try:
-                response = await self._upstream.request(method.encode(), target, headers, body)
+                response = await upstream.request(method.encode(), target, headers, body)
             except UpstreamError as e:
                 t_done = clock()
                 fault = e.fault
                 guard.stop()
                 log.debug("model call failed: %s", e)
-                await self._refuse(send, fault, None, _server_timing(t_done - t_send, t_send - t_in))
+                await self._refuse(send, fault, None, _server_timing(t_done - t_send, t_send - t_in), variant)
                 return
             t_head = clock()
             status = response.status
-            out_headers = self._response_headers(response.headers, _server_timing(t_head - t_send, t_send - t_in))
+            out_headers = self._response_headers(response.headers, _server_timing(t_head - t_send, t_send - t_in), variant)
 
             # Stream back.
             if response.complete:
@@ -230,7 +270,7 @@ class ProxyApp:
             log.exception("internal error while proxying %s %s", method, scope["path"])
             if started:
                 raise
-            await self._refuse(send, fault)
+            await self._refuse(send, fault, variant=variant)
         except asyncio.CancelledError:
             cancelled = guard.fault
             if cancelled is None:
@@ -243,7 +283,7 @@ class ProxyApp:
             fault = Fault.UPSTREAM_TIMEOUT
             if started:
                 raise UpstreamError(fault) from None
-            await self._refuse(send, fault, None, _server_timing(t_done - t_send, t_send - t_in))
+            await self._refuse(send, fault, None, _server_timing(t_done - t_send, t_send - t_in), variant)
         finally:
             guard.stop()
             if response is not None:
@@ -251,11 +291,11 @@ class ProxyApp:
             if invocation:
                 # Record: exactly once per invocation, whatever happened above.
                 if fault is Fault.CLIENT_DISCONNECT or t_done is None:
-                    self._recorder.invocation_abandoned(instances=instances)
+                    recorder.invocation_abandoned(instances=instances)
                 else:
                     model_ns = t_done - t_send - blocked_ns
                     total_ns = clock() - t_in
-                    self._recorder.invocation_finished(
+                    recorder.invocation_finished(
                         status=status if fault is None else fault.status or 0,
                         upstream_error=fault.reason if fault else None,
                         model_us=model_ns // 1000,
@@ -264,12 +304,14 @@ class ProxyApp:
                         first_byte_us=None if first_byte_ns is None else first_byte_ns // 1000,
                     )
 
-    def _request_headers(self, scope: Scope) -> tuple[Headers, int | None]:
-        """The headers to send to the model, and the declared Content-Length of the request body."""
+    def _request_headers(self, scope: Scope) -> tuple[Headers, int | None, bytes | None]:
+        """The headers for the model (Host first, set once the variant is known), the declared
+        Content-Length of the request body, and the target variant asked for."""
         incoming: Headers = scope["headers"]
         drop = _dropped(incoming, REQUEST_DROP)
-        out: Headers = [(b"host", self._upstream.authority)]
+        out: Headers = [(b"host", b"")]
         declared: int | None = None
+        target_variant: bytes | None = None
         forwarded_for: bytes | None = None
         original_host = b""
         for name, value in incoming:
@@ -277,6 +319,8 @@ class ProxyApp:
                 declared = int(value) if value.isdigit() else None
             elif name == b"host":
                 original_host = value
+            elif name == TARGET_VARIANT_HEADER:
+                target_variant = value
             if name == b"x-forwarded-for":
                 forwarded_for = value
             elif name not in drop:
@@ -290,13 +334,13 @@ class ProxyApp:
         out.append((b"x-forwarded-proto", scope.get("scheme", "http").encode()))
         if original_host:
             out.append((b"x-forwarded-host", original_host))
-        return out, declared
+        return out, declared, target_variant
 
-    def _response_headers(self, headers: Headers, server_timing: bytes) -> Headers:
+    def _response_headers(self, headers: Headers, server_timing: bytes, variant: Variant) -> Headers:
         drop = _dropped(headers, RESPONSE_DROP)
         out = [(name, value) for name, value in headers if name not in drop]
         out.append((b"server-timing", server_timing))
-        out.append((VARIANT_HEADER, self._variant))
+        out.append((VARIANT_HEADER, variant.name.encode()))
         return out
 
     async def _read_body(self, receive: Receive) -> bytes | Fault:
@@ -320,13 +364,18 @@ class ProxyApp:
             chunks.append(chunk)
         return b"".join(chunks)
 
-    async def _refuse(self, send: Send, fault: Fault, message: str | None = None, server_timing: bytes | None = None) -> None:
-        """Answer with the fault's status and a short JSON error; count refusals of requests never forwarded."""
+    async def _refuse(
+        self, send: Send, fault: Fault, message: str | None = None, server_timing: bytes | None = None, variant: Variant | None = None
+    ) -> None:
+        """Answer with the fault's status and a short JSON error; count refusals of requests never forwarded.
+
+        A refusal before the variant is known is counted on the first variant."""
+        variant = variant or self._default
         if not fault.invocation:
-            self._recorder.rejected(fault.reason)
+            variant.recorder.rejected(fault.reason)
         if fault.status is None:
             return
-        body = b'{"error": "%s"}' % (message or fault.message).encode()
+        body = json.dumps({"error": message or fault.message}).encode()
         headers: Headers = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(body))]
         if fault is Fault.PAYLOAD_TOO_LARGE or fault is Fault.METHOD_NOT_ALLOWED:
             headers.append((b"connection", b"close"))  # do not drain an oversized upload or a tunnel
@@ -334,6 +383,6 @@ class ProxyApp:
             headers.append((b"allow", b"GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS"))
         if server_timing is not None:
             headers.append((b"server-timing", server_timing))
-            headers.append((VARIANT_HEADER, self._variant))
+            headers.append((VARIANT_HEADER, variant.name.encode()))
         await send({"type": "http.response.start", "status": fault.status, "headers": headers})
         await send({"type": "http.response.body", "body": body})

@@ -11,32 +11,32 @@ import shutil
 import signal
 import socket
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from multiprocessing.process import BaseProcess
-from typing import TYPE_CHECKING
 
 import uvicorn
 from prometheus_client import CollectorRegistry
+from prometheus_client.metrics_core import Metric
+from prometheus_client.registry import Collector
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-from metrics.recorder import InvocationRecorder
+from metrics import definitions as d
+from metrics.recorder import InvocationMetrics, InvocationRecorder
 from metrics.statistics import PeriodStatistics
 from proxy.admin import create_admin_app
-from proxy.app import DISCONNECT_EXTENSION, ProxyApp
+from proxy.app import DISCONNECT_EXTENSION, ProxyApp, Variant
+from proxy.background import Background, Host, Stream, endpoint_host
 from proxy.errors import REJECT_REASONS, UPSTREAM_ERROR_REASONS
 from proxy.instances import StaticInstanceCount
-from proxy.settings import ConfigError, Settings
+from proxy.settings import ConfigError, MonitorSettings, Settings
 from proxy.upstream import HttpUpstream
-
-if TYPE_CHECKING:
-    from metrics.cloudwatch import CloudWatchPublisher
 
 log = logging.getLogger("proxy")
 # Longer than the 60 s idle timeout of common load balancers, so they never reuse a connection we closed.
 KEEP_ALIVE_S = 75
 
 
-class _Server(uvicorn.Server):
+class Server(uvicorn.Server):
     """A uvicorn server that leaves signals to us: two servers share one loop and stop together."""
 
     @contextlib.contextmanager
@@ -85,7 +85,7 @@ def bind(host: str, port: int) -> socket.socket:
     return sock
 
 
-def _config(app: object, settings: Settings) -> uvicorn.Config:
+def uvicorn_config(app: object, settings: Settings | MonitorSettings) -> uvicorn.Config:
     return uvicorn.Config(
         app,  # type: ignore[arg-type]
         http=_HttpProtocol,
@@ -100,63 +100,36 @@ def _config(app: object, settings: Settings) -> uvicorn.Config:
     )
 
 
-class _Background:
-    """What runs beside the request path in a process that serves it: today, the CloudWatch publisher."""
-
-    def __init__(self, settings: Settings, registry: CollectorRegistry) -> None:
-        self._settings = settings
-        self.statistics: PeriodStatistics | None = None
-        self._publisher: CloudWatchPublisher | None = None
-        self._task: asyncio.Task[None] | None = None
-        if settings.cloudwatch:
-            from metrics.cloudwatch import CloudWatchPublisher, CloudWatchTarget, PublisherHealth
-
-            self.statistics = PeriodStatistics(settings.cloudwatch_period)
-            target = CloudWatchTarget(
-                namespace=settings.cloudwatch_namespace,
-                dimensions=(("EndpointName", settings.endpoint_name), ("VariantName", settings.variant_name)),
-                storage_resolution=1 if settings.cloudwatch_period < 60 else 60,
-                region=settings.cloudwatch_region,
-                endpoint_url=settings.cloudwatch_endpoint_url,
-            )
-            self._publisher = CloudWatchPublisher(
-                self.statistics,
-                target,
-                PublisherHealth(registry, endpoint_name=settings.endpoint_name, variant_name=settings.variant_name),
-                buffer_periods=settings.cloudwatch_buffer_periods,
-            )
-
-    def start(self) -> None:
-        if self._publisher is not None:
-            self._task = asyncio.create_task(self._publisher.run())
-
-    async def stop(self) -> None:
-        """After the server has drained its requests: flush the last partial period, within the bound."""
-        if self._task is not None:
-            self._task.cancel()
-        if self._publisher is not None:
-            await self._publisher.flush(self._settings.cloudwatch_flush_timeout)
+def _background(settings: Settings, registry: CollectorRegistry, *, invocations: bool, host: Host | None) -> Background:
+    """This process's part: the invocation metrics it records (in ``cloudwatch_namespace``), the host it samples."""
+    stream = Stream(settings.cloudwatch_namespace, ((("EndpointName", settings.endpoint_name), ("VariantName", settings.variant_name)),))
+    return Background(
+        settings, registry,
+        health_labels={"endpoint_name": settings.endpoint_name, "variant_name": settings.variant_name},
+        invocations=stream if invocations else None,
+        host=host,
+    )
 
 
 def _proxy_app(settings: Settings, registry: CollectorRegistry, statistics: PeriodStatistics | None) -> tuple[ProxyApp, HttpUpstream]:
-    recorder = InvocationRecorder(
+    metrics = InvocationMetrics(
         registry,
+        model_latency_buckets=settings.model_latency_buckets,
+        overhead_latency_buckets=settings.overhead_latency_buckets,
+    )
+    recorder = InvocationRecorder(
+        metrics,
         endpoint_name=settings.endpoint_name,
         variant_name=settings.variant_name,
         reject_reasons=REJECT_REASONS,
         upstream_error_reasons=UPSTREAM_ERROR_REASONS,
-        model_latency_buckets=settings.model_latency_buckets,
-        overhead_latency_buckets=settings.overhead_latency_buckets,
         statistics=statistics,
     )
     instances = StaticInstanceCount(settings.instance_count)
     recorder.live_instances(instances.current())
     upstream = HttpUpstream(settings.upstream)
     app = ProxyApp(
-        upstream=upstream,
-        recorder=recorder,
-        instances=instances,
-        variant_name=settings.variant_name,
+        variants=[Variant(settings.variant_name, upstream, recorder, instances)],
         invocation_routes=settings.invocation_routes,
         max_payload_bytes=settings.max_payload_bytes,
         invocation_timeout=settings.invocation_timeout,
@@ -165,7 +138,7 @@ def _proxy_app(settings: Settings, registry: CollectorRegistry, statistics: Peri
     return app, upstream
 
 
-def _on_stop_signals(*servers: uvicorn.Server) -> None:
+def stop_on_signals(*servers: uvicorn.Server) -> None:
     def stop() -> None:
         for server in servers:
             server.should_exit = True
@@ -175,15 +148,15 @@ def _on_stop_signals(*servers: uvicorn.Server) -> None:
         loop.add_signal_handler(sig, stop)
 
 
-async def serve(settings: Settings, proxy_sock: socket.socket, admin_sock: socket.socket) -> None:
-    """One process: the proxy and the admin port in one loop, metrics in memory."""
+async def serve(settings: Settings, proxy_sock: socket.socket, admin_sock: socket.socket, host: Host | None = None) -> None:
+    """One process: the proxy and the admin port in one loop, metrics in memory; ``host`` is sampled here too."""
     registry = CollectorRegistry()
-    background = _Background(settings, registry)
+    background = _background(settings, registry, invocations=True, host=host)
     app, upstream = _proxy_app(settings, registry, background.statistics)
     admin = create_admin_app(lambda: registry, upstream, ping_path=settings.ping_path)
-    proxy_server = _Server(_config(app, settings))
-    admin_server = _Server(_config(admin, settings))
-    _on_stop_signals(proxy_server, admin_server)
+    proxy_server = Server(uvicorn_config(app, settings))
+    admin_server = Server(uvicorn_config(admin, settings))
+    stop_on_signals(proxy_server, admin_server)
     _log_start(settings)
     background.start()
     try:
@@ -210,7 +183,7 @@ def _log_start(settings: Settings) -> None:
 def _worker_main(settings: Settings, proxy_sock: socket.socket) -> None:
     import uvloop
 
-    _setup_logging(settings)
+    setup_logging(settings)
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
         runner.run(_serve_worker(settings, proxy_sock))
 
@@ -218,10 +191,10 @@ def _worker_main(settings: Settings, proxy_sock: socket.socket) -> None:
 async def _serve_worker(settings: Settings, proxy_sock: socket.socket) -> None:
     # PROMETHEUS_MULTIPROC_DIR was set before this process started, so values live in its files.
     registry = CollectorRegistry()
-    background = _Background(settings, registry)
+    background = _background(settings, registry, invocations=True, host=None)  # the supervisor samples the host
     app, upstream = _proxy_app(settings, registry, background.statistics)
-    server = _Server(_config(app, settings))
-    _on_stop_signals(server)
+    server = Server(uvicorn_config(app, settings))
+    stop_on_signals(server)
     background.start()
     try:
         await server.serve([proxy_sock])
@@ -230,9 +203,45 @@ async def _serve_worker(settings: Settings, proxy_sock: socket.socket) -> None:
         await upstream.close()
 
 
-async def _supervise(settings: Settings, proxy_sock: socket.socket, admin_sock: socket.socket, multiproc_dir: str) -> None:
+class _WorkersAndSupervisor(Collector):
+    """The workers' multiprocess files and the supervisor's own registry (host metrics, and the health of
+    its CloudWatch publisher) as one exposition. A family both have is merged as prometheus-client merges
+    processes: samples with the same labels are added, or for a ``livemax`` gauge, the larger kept."""
+
+    MAX_FAMILIES = frozenset({d.CLOUDWATCH_LAST_SUCCESS.prometheus_name})
+
+    def __init__(self, multiproc_dir: str, own: CollectorRegistry) -> None:
+        self._multiproc_dir = multiproc_dir
+        self._own = own
+
+    def collect(self) -> Iterable[Metric]:
+        from prometheus_client import multiprocess
+
+        families: dict[str, Metric] = {}
+        for family in [*multiprocess.MultiProcessCollector(None, path=self._multiproc_dir).collect(), *self._own.collect()]:
+            seen = families.setdefault(family.name, family)
+            if seen is family:
+                continue
+            combine = max if family.name in self.MAX_FAMILIES else (lambda a, b: a + b)
+            index = {(s.name, tuple(sorted(s.labels.items()))): i for i, s in enumerate(seen.samples)}
+            for sample in family.samples:
+                i = index.get((sample.name, tuple(sorted(sample.labels.items()))))
+                if i is None:
+                    seen.samples.append(sample)
+                else:
+                    seen.samples[i] = seen.samples[i]._replace(value=combine(seen.samples[i].value, sample.value))
+        return families.values()
+
+
+async def _supervise(
+    settings: Settings, proxy_sock: socket.socket, admin_sock: socket.socket, multiproc_dir: str, host: Host | None
+) -> None:
     from prometheus_client import multiprocess
 
+    # Sampled once, here: in-memory metrics of the supervisor, merged with the workers' at every scrape.
+    own = CollectorRegistry()
+    background = _background(settings, own, invocations=False, host=host)
+    merged = _WorkersAndSupervisor(multiproc_dir, own)
     context = multiprocessing.get_context("spawn")
 
     def start_worker() -> BaseProcess:
@@ -242,14 +251,15 @@ async def _supervise(settings: Settings, proxy_sock: socket.socket, admin_sock: 
 
     def collect() -> CollectorRegistry:
         registry = CollectorRegistry()
-        multiprocess.MultiProcessCollector(registry, path=multiproc_dir)
+        registry.register(merged)
         return registry
 
     workers = [start_worker() for _ in range(settings.workers)]
     upstream = HttpUpstream(settings.upstream)
-    admin_server = _Server(_config(create_admin_app(collect, upstream, ping_path=settings.ping_path), settings))
-    _on_stop_signals(admin_server)
+    admin_server = Server(uvicorn_config(create_admin_app(collect, upstream, ping_path=settings.ping_path), settings))
+    stop_on_signals(admin_server)
     _log_start(settings)
+    background.start()
 
     async def restart_dead_workers() -> None:
         while not admin_server.should_exit:
@@ -270,10 +280,11 @@ async def _supervise(settings: Settings, proxy_sock: socket.socket, admin_sock: 
         for worker in workers:
             await asyncio.to_thread(worker.join, 15)
             multiprocess.mark_process_dead(worker.pid, multiproc_dir)
+        await background.stop()
         await upstream.close()
 
 
-def _setup_logging(settings: Settings) -> None:
+def setup_logging(settings: Settings | MonitorSettings) -> None:
     from prometheus_client import disable_created_metrics
 
     disable_created_metrics()  # *_created series double the exposition and nobody reads them
@@ -281,20 +292,22 @@ def _setup_logging(settings: Settings) -> None:
 
 
 def run(settings: Settings) -> None:
-    """Bind both ports (ConfigError if either is taken), then serve until SIGINT or SIGTERM."""
+    """Find the cgroups to watch and bind both ports (ConfigError if a cgroup is missing or a port taken),
+    then serve until SIGINT or SIGTERM."""
     import uvloop
 
-    _setup_logging(settings)
+    setup_logging(settings)
+    host = endpoint_host(settings)
     proxy_sock = bind(settings.host, settings.port)
     admin_sock = bind(settings.host, settings.metrics_port)
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
         if settings.workers == 1:
-            runner.run(serve(settings, proxy_sock, admin_sock))
+            runner.run(serve(settings, proxy_sock, admin_sock, host))
             return
         # A directory of our own, fresh at every start: stale files from an earlier run would add up.
         multiproc_dir = tempfile.mkdtemp(prefix="sagemaker-metrics-proxy-")
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = multiproc_dir  # read by prometheus-client in each worker at import
         try:
-            runner.run(_supervise(settings, proxy_sock, admin_sock, multiproc_dir))
+            runner.run(_supervise(settings, proxy_sock, admin_sock, multiproc_dir, host))
         finally:
             shutil.rmtree(multiproc_dir, ignore_errors=True)

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import json
 from collections import deque
+from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry
 
-from metrics.recorder import InvocationRecorder
-from proxy.app import ProxyApp
+from metrics.recorder import InvocationMetrics, InvocationRecorder
+from proxy.app import ProxyApp, Variant
 from proxy.errors import REJECT_REASONS, UPSTREAM_ERROR_REASONS, Fault, UpstreamError
 from proxy.instances import StaticInstanceCount
 from proxy.types import Headers, Message
@@ -77,13 +79,11 @@ def make_app(clock: FakeClock, upstream: FakeUpstream, record: bool = True, inst
              timeout: float = 60) -> tuple[ProxyApp, CollectorRegistry]:
     registry = CollectorRegistry()
     recorder = InvocationRecorder(
-        registry, endpoint_name="ep", variant_name="v1", reject_reasons=REJECT_REASONS, upstream_error_reasons=UPSTREAM_ERROR_REASONS
+        InvocationMetrics(registry), endpoint_name="ep", variant_name="v1", reject_reasons=REJECT_REASONS,
+        upstream_error_reasons=UPSTREAM_ERROR_REASONS,
     )
     app = ProxyApp(
-        upstream=upstream,  # type: ignore[arg-type]
-        recorder=recorder,
-        instances=StaticInstanceCount(instances),
-        variant_name="v1",
+        variants=[Variant("v1", upstream, recorder, StaticInstanceCount(instances))],  # type: ignore[arg-type]
         invocation_routes=frozenset({("POST", "/invocations")}),
         max_payload_bytes=100,
         invocation_timeout=timeout,
@@ -271,3 +271,53 @@ def test_timeout_before_the_head_is_a_504() -> None:
     assert sent[0]["status"] == 504
     assert value(registry, "sagemaker_proxy_upstream_errors_total", reason="timeout") == 1
     assert value(registry, "sagemaker_invocation_model_errors_total") == 1
+
+
+def two_variants(clock: FakeClock, weights: tuple[float, float], rng: Callable[[], float]) -> tuple[ProxyApp, dict[str, FakeUpstream], CollectorRegistry]:
+    registry = CollectorRegistry()
+    metrics = InvocationMetrics(registry)
+    upstreams = {}
+    variants = []
+    for name, weight in zip(("blue", "green"), weights, strict=True):
+        upstreams[name] = FakeUpstream(clock, FakeResponse(clock, 200, [b"x"], streamed=False, chunk_ns=0), head_ns=MS)
+        recorder = InvocationRecorder(
+            metrics, endpoint_name="ep", variant_name=name, reject_reasons=REJECT_REASONS, upstream_error_reasons=UPSTREAM_ERROR_REASONS
+        )
+        variants.append(Variant(name, upstreams[name], recorder, StaticInstanceCount(1), weight))  # type: ignore[arg-type]
+    app = ProxyApp(variants=variants, invocation_routes=frozenset({("POST", "/invocations")}), max_payload_bytes=100,
+                   invocation_timeout=60, clock=clock, random=rng)
+    return app, upstreams, registry
+
+
+def test_weights_split_the_traffic_and_the_target_header_overrides() -> None:
+    import random
+
+    clock = FakeClock()
+    app, upstreams, registry = two_variants(clock, (3, 1), random.Random(7).random)
+    for _ in range(4000):
+        sent = call(app, clock)
+        assert sent[0]["status"] == 200
+    blue, green = len(upstreams["blue"].calls), len(upstreams["green"].calls)
+    assert blue + green == 4000
+    assert abs(blue / 4000 - 0.75) < 0.03, blue  # 0.75 within about four standard deviations
+    for _ in range(10):
+        sent = call(app, clock, headers=[(b"x-amzn-sagemaker-target-variant", b"green")])
+        assert dict(sent[0]["headers"])[b"x-amzn-invoked-production-variant"] == b"green"
+    assert len(upstreams["green"].calls) == green + 10
+    # The target header is for the proxy, not the model.
+    assert all(name != b"x-amzn-sagemaker-target-variant" for name, _ in upstreams["green"].calls[-1][2])
+    labels = {"endpoint_name": "ep"}
+    assert registry.get_sample_value("sagemaker_invocations_total", {**labels, "variant_name": "blue"}) == blue
+    assert registry.get_sample_value("sagemaker_invocations_total", {**labels, "variant_name": "green"}) == green + 10
+
+
+def test_an_unknown_target_variant_is_a_400() -> None:
+    import random
+
+    clock = FakeClock()
+    app, upstreams, registry = two_variants(clock, (1, 1), random.Random(1).random)
+    sent = call(app, clock, headers=[(b"x-amzn-sagemaker-target-variant", b"red\"")])
+    assert sent[0]["status"] == 400
+    assert json.loads(sent[1]["body"]) == {"error": "no production variant 'red\"'; this endpoint has blue, green"}
+    assert not upstreams["blue"].calls and not upstreams["green"].calls
+    assert registry.get_sample_value("sagemaker_proxy_rejected_requests_total", {"endpoint_name": "ep", "variant_name": "blue", "reason": "unknown_variant"}) == 1
