@@ -1,0 +1,165 @@
+"""The shipping files: Dockerfile, entry point, compose stack and Kubernetes manifests are checked and run."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import venv
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import yaml
+
+from proxy.settings import SERVE_OPTIONS
+from tests.conftest import ROOT, free_port, wait_for_port
+
+DEPLOY = ROOT / "deploy"
+ENV_NAMES = {option.env for option in SERVE_OPTIONS} | {"SAGEMAKER_PROXY_MODEL_COMMAND"}
+BIN = Path(sys.executable).parent
+
+
+def tool(name: str) -> str:
+    """A linter from the test extras, next to this Python, or on PATH."""
+    path = BIN / name if (BIN / name).exists() else shutil.which(name)
+    if path is None:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"{name} is missing; .ci/run installs it")
+        pytest.skip(f"{name} is not installed (pip install -e '.[test]')")
+    return str(path)
+
+
+def test_dockerfile_passes_hadolint() -> None:
+    result = subprocess.run([tool("hadolint"), str(ROOT / "Dockerfile")], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_dockerfile_runs_as_non_root_with_a_healthcheck_on_healthz() -> None:
+    text = (ROOT / "Dockerfile").read_text()
+    assert re.search(r"^USER 10001$", text, re.M)
+    assert re.search(r"^HEALTHCHECK .*\n?.*/healthz", text, re.M)
+    assert re.search(r"^EXPOSE 8080 9090$", text, re.M)
+    assert re.search(r'^CMD \["serve"\]$', text, re.M)
+    for source in re.findall(r"^COPY (?!--from)(\S+)", text, re.M):
+        assert (ROOT / source).exists(), source
+    for name in re.findall(r"\b(SAGEMAKER_PROXY_[A-Z_]+)=", text):
+        assert name in ENV_NAMES, name
+
+
+def test_kubernetes_manifests_validate_against_the_schemas() -> None:
+    files = sorted(str(p) for p in (DEPLOY / "kubernetes").glob("*.yaml"))
+    assert files
+    result = subprocess.run([tool("kubernetes-validate"), "--strict", *files], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_kubernetes_sidecar_probes_and_scrape_annotations_match_the_proxy() -> None:
+    docs = list(yaml.safe_load_all((DEPLOY / "kubernetes" / "model-with-proxy.yaml").read_text()))
+    deployment = next(d for d in docs if d["kind"] == "Deployment")
+    pod = deployment["spec"]["template"]
+    proxy = next(c for c in pod["spec"]["containers"] if c["name"] == "proxy")
+    ports = {p["name"]: p["containerPort"] for p in proxy["ports"]}
+    assert ports == {"http": 8080, "metrics": 9090}
+    assert proxy["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "metrics"}
+    assert proxy["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "metrics"}
+    assert pod["metadata"]["annotations"]["prometheus.io/port"] == str(ports["metrics"])
+    for env in proxy["env"]:
+        assert env["name"] in ENV_NAMES, env["name"]
+
+
+def compose() -> dict[str, Any]:
+    data = yaml.safe_load((DEPLOY / "compose.yaml").read_text())
+    assert isinstance(data, dict)
+    return data
+
+
+def test_compose_services_ports_and_mounted_files_exist() -> None:
+    services = compose()["services"]
+    assert {"model", "proxy", "prometheus", "grafana"} <= set(services)
+    assert "8080:8080" in services["proxy"]["ports"] and "9090:9090" in services["proxy"]["ports"]
+    for name, service in services.items():
+        for volume in service.get("volumes", []):
+            host_path = volume.split(":")[0]
+            assert (DEPLOY / host_path).exists(), f"{name} mounts {host_path}, which does not exist"
+        build = service.get("build")
+        if build:
+            assert (DEPLOY / build["context"] / build["dockerfile"]).exists()
+    for key in services["proxy"]["environment"]:
+        assert key in ENV_NAMES, key
+    upstream = services["proxy"]["environment"]["SAGEMAKER_PROXY_UPSTREAM"]
+    assert upstream == "http://model:8081" and "--port" in services["model"]["entrypoint"]
+
+
+def test_compose_prometheus_scrapes_the_proxy_admin_port() -> None:
+    config = yaml.safe_load((DEPLOY / "prometheus" / "prometheus.yml").read_text())
+    targets = [t for job in config["scrape_configs"] for sc in job.get("static_configs", []) for t in sc["targets"]]
+    assert "proxy:9090" in targets
+
+
+@pytest.mark.e2e
+def test_entrypoint_runs_the_model_and_the_proxy_and_stops_both(tmp_path: Path) -> None:
+    model_port, port, metrics_port = free_port(), free_port(), free_port()
+    env = {
+        **os.environ,
+        "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
+        "PYTHONPATH": str(ROOT),
+        "SAGEMAKER_PROXY_MODEL_COMMAND": f"{sys.executable} -m example_model --host 127.0.0.1 --port {model_port}",
+        "SAGEMAKER_PROXY_UPSTREAM": f"http://127.0.0.1:{model_port}",
+        "SAGEMAKER_PROXY_ENDPOINT_NAME": "entrypoint-test",
+        "SAGEMAKER_PROXY_HOST": "127.0.0.1",
+        "SAGEMAKER_PROXY_PORT": str(port),
+        "SAGEMAKER_PROXY_METRICS_PORT": str(metrics_port),
+    }
+    log = (tmp_path / "entrypoint.log").open("wb")
+    proc = subprocess.Popen(["/bin/sh", str(DEPLOY / "entrypoint.sh"), "serve"], env=env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        wait_for_port(model_port, proc)
+        wait_for_port(metrics_port, proc)
+        deadline = time.monotonic() + 10
+        while httpx.get(f"http://127.0.0.1:{metrics_port}/readyz").status_code != 200 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        r = httpx.post(f"http://127.0.0.1:{port}/invocations", json={"instances": [[6.7, 3.0, 5.2, 2.3]]})
+        assert r.status_code == 200 and r.json()["predictions"][0]["label"] == "virginica"
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(20) == 0
+        for p in (model_port, port):  # both servers are gone
+            with pytest.raises(OSError), socket.create_connection(("127.0.0.1", p), timeout=1):
+                pass
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
+@pytest.mark.e2e
+def test_a_clean_install_starts_the_console_script(tmp_path: Path) -> None:
+    """What the Dockerfile's build stage does (pip install . into a new venv), here without a container daemon."""
+    target = tmp_path / "venv"
+    venv.EnvBuilder(with_pip=True).create(target)
+    python = target / "bin" / "python"
+    install = subprocess.run([str(python), "-m", "pip", "install", "-q", str(ROOT)], capture_output=True, text=True, timeout=600)
+    assert install.returncode == 0, install.stdout + install.stderr
+    model_port, port, metrics_port = free_port(), free_port(), free_port()
+    # Run from an empty directory, so only the installed package can be imported.
+    model = subprocess.Popen([str(python), "-m", "example_model", "--host", "127.0.0.1", "--port", str(model_port)], cwd=tmp_path)
+    proxy = subprocess.Popen(
+        [str(target / "bin" / "sagemaker-metrics-proxy"), "serve", "--upstream", f"http://127.0.0.1:{model_port}", "--host", "127.0.0.1",
+         "--port", str(port), "--metrics-port", str(metrics_port), "--endpoint-name", "installed"],
+        cwd=tmp_path,
+    )
+    try:
+        wait_for_port(model_port, model)
+        wait_for_port(port, proxy)
+        assert httpx.get(f"http://127.0.0.1:{metrics_port}/healthz").json() == {"status": "ok"}
+        assert httpx.post(f"http://127.0.0.1:{port}/invocations", json={"instances": [[5.1, 3.5, 1.4, 0.2]]}).status_code == 200
+        assert "sagemaker_invocations_total" in httpx.get(f"http://127.0.0.1:{metrics_port}/metrics").text
+    finally:
+        for proc in (proxy, model):
+            proc.terminate()
+            proc.wait(10)
