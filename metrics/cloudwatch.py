@@ -4,6 +4,9 @@ Requests never wait on CloudWatch: the request path only adds to ``PeriodStatist
 takes ended periods into a bounded buffer, sends them oldest first, retries throttling, server and
 network errors with jittered exponential backoff, and drops the oldest periods (counted) when the
 buffer is full. boto3 is imported here only, and its blocking calls run in a thread.
+
+One publisher can serve several streams, each a ``PeriodStatistics`` with its own target (namespace
+and dimension sets): the invocation metrics, and the instance metrics of the host sampler.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ import math
 import random
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -49,24 +52,31 @@ class CloudWatchTarget:
     storage_resolution: int  # 1 for high resolution, else 60
     region: str | None = None
     endpoint_url: str | None = None
+    # Further dimension sets for the same values: CloudWatch does not aggregate across dimension sets.
+    also_dimensions: tuple[tuple[tuple[str, str], ...], ...] = ()
+
+    @property
+    def dimension_sets(self) -> tuple[tuple[tuple[str, str], ...], ...]:
+        return (self.dimensions, *self.also_dimensions)
 
 
 def datums(period: Period, target: CloudWatchTarget, units: dict[str, str]) -> list[dict[str, Any]]:
-    """One PutMetricData datum per metric of the period: a statistic set, never a NaN or infinity."""
+    """One PutMetricData datum per metric of the period and dimension set: a statistic set, never a NaN or infinity."""
     out = []
     for name, s in period.sets.items():
         if s.count == 0 or not all(math.isfinite(v) for v in (s.total, s.minimum, s.maximum)):
             continue
-        datum: dict[str, Any] = {
-            "MetricName": name,
-            "Dimensions": [{"Name": k, "Value": v} for k, v in target.dimensions[:MAX_DIMENSIONS]],
-            "Timestamp": period.start,
-            "StatisticValues": {"SampleCount": float(s.count), "Sum": s.total, "Minimum": s.minimum, "Maximum": s.maximum},
-            "Unit": units.get(name, "None"),
-        }
-        if target.storage_resolution == 1:
-            datum["StorageResolution"] = 1
-        out.append(datum)
+        for dimensions in target.dimension_sets:
+            datum: dict[str, Any] = {
+                "MetricName": name,
+                "Dimensions": [{"Name": k, "Value": v} for k, v in dimensions[:MAX_DIMENSIONS]],
+                "Timestamp": period.start,
+                "StatisticValues": {"SampleCount": float(s.count), "Sum": s.total, "Minimum": s.minimum, "Maximum": s.maximum},
+                "Unit": units.get(name, "None"),
+            }
+            if target.storage_resolution == 1:
+                datum["StorageResolution"] = 1
+            out.append(datum)
     return out
 
 
@@ -77,22 +87,26 @@ def batches(items: Sequence[dict[str, Any]]) -> list[list[dict[str, Any]]]:
 
 
 class PublisherHealth:
-    """The publisher's state, as Prometheus metrics on the admin port."""
+    """The publisher's state, as Prometheus metrics on the admin port, labelled with the variant, or with
+    ``labels`` where there is none (a training job's host)."""
 
-    def __init__(self, registry: CollectorRegistry, *, endpoint_name: str, variant_name: str) -> None:
-        labels = d.VARIANT_LABELS
-        e, v = endpoint_name, variant_name
+    def __init__(
+        self, registry: CollectorRegistry, *, endpoint_name: str = "", variant_name: str = "", labels: Mapping[str, str] | None = None
+    ) -> None:
+        if labels is None:
+            labels = dict(zip(d.VARIANT_LABELS, (endpoint_name, variant_name), strict=True))
+        names, values = list(labels), list(labels.values())
         self.last_success = Gauge(
-            d.CLOUDWATCH_LAST_SUCCESS.prometheus_name, d.CLOUDWATCH_LAST_SUCCESS.help, labels, registry=registry, multiprocess_mode="livemax"
-        ).labels(e, v)
-        failures = Counter(d.CLOUDWATCH_FAILURES.prometheus_name, d.CLOUDWATCH_FAILURES.help, [*labels, "reason"], registry=registry)
-        self.failures = {r: failures.labels(e, v, r) for r in FAILURE_REASONS}
+            d.CLOUDWATCH_LAST_SUCCESS.prometheus_name, d.CLOUDWATCH_LAST_SUCCESS.help, names, registry=registry, multiprocess_mode="livemax"
+        ).labels(*values)
+        failures = Counter(d.CLOUDWATCH_FAILURES.prometheus_name, d.CLOUDWATCH_FAILURES.help, [*names, "reason"], registry=registry)
+        self.failures = {r: failures.labels(*values, r) for r in FAILURE_REASONS}
         self.buffered = Gauge(
-            d.CLOUDWATCH_BUFFERED_PERIODS.prometheus_name, d.CLOUDWATCH_BUFFERED_PERIODS.help, labels, registry=registry,
+            d.CLOUDWATCH_BUFFERED_PERIODS.prometheus_name, d.CLOUDWATCH_BUFFERED_PERIODS.help, names, registry=registry,
             multiprocess_mode="livesum",
-        ).labels(e, v)
-        self.dropped = Counter(d.CLOUDWATCH_DROPPED.prometheus_name, d.CLOUDWATCH_DROPPED.help, labels, registry=registry).labels(e, v)
-        self.published = Counter(d.CLOUDWATCH_PUBLISHED.prometheus_name, d.CLOUDWATCH_PUBLISHED.help, labels, registry=registry).labels(e, v)
+        ).labels(*values)
+        self.dropped = Counter(d.CLOUDWATCH_DROPPED.prometheus_name, d.CLOUDWATCH_DROPPED.help, names, registry=registry).labels(*values)
+        self.published = Counter(d.CLOUDWATCH_PUBLISHED.prometheus_name, d.CLOUDWATCH_PUBLISHED.help, names, registry=registry).labels(*values)
 
 
 class CloudWatchPublisher:
@@ -106,11 +120,16 @@ class CloudWatchPublisher:
         client_factory: Callable[[], Any] | None = None,
         backoff_s: tuple[float, float] = (0.5, 30.0),
         wallclock: Callable[[], float] = time.time,
+        also: Sequence[tuple[PeriodStatistics, CloudWatchTarget]] = (),
     ) -> None:
+        """``also``: further streams, published by the same task; every stream has the same period."""
+        self._streams = [(statistics, target), *also]
+        if len({s.period_s for s, _ in self._streams}) != 1:
+            raise ValueError("every stream of one publisher needs the same period")
         self._statistics = statistics
         self._target = target
         self._health = health
-        self._buffer: deque[Period] = deque()
+        self._buffer: deque[tuple[CloudWatchTarget, Period]] = deque()
         self._buffer_periods = buffer_periods
         self._client_factory = client_factory or self._boto3_client
         self._client: Any = None
@@ -127,19 +146,20 @@ class CloudWatchPublisher:
         config = Config(retries={"total_max_attempts": 1, "mode": "standard"}, connect_timeout=5, read_timeout=10)
         return boto3.client("cloudwatch", region_name=self._target.region, endpoint_url=self._target.endpoint_url, config=config)
 
-    def _take(self, periods: list[Period]) -> None:
+    def _take(self, take: Callable[[PeriodStatistics], list[Period]]) -> None:
         now = self._wallclock()
-        for period in periods:
-            if period.start < now - MAX_AGE_S:
-                self._drop(period, "too old for CloudWatch")
-                continue
-            self._buffer.append(period)
+        for statistics, target in self._streams:
+            for period in take(statistics):
+                if period.start < now - MAX_AGE_S:
+                    self._drop(target, period, "too old for CloudWatch")
+                    continue
+                self._buffer.append((target, period))
         while len(self._buffer) > self._buffer_periods:
-            self._drop(self._buffer.popleft(), "the buffer is full")
+            self._drop(*self._buffer.popleft(), "the buffer is full")
         self._health.buffered.set(len(self._buffer))
 
-    def _drop(self, period: Period, why: str) -> None:
-        n = len(period.sets)
+    def _drop(self, target: CloudWatchTarget, period: Period, why: str) -> None:
+        n = len(period.sets) * len(target.dimension_sets)
         self._health.dropped.inc(n)
         log.warning("dropped %d CloudWatch datapoints of the period at %d: %s", n, period.start, why)
 
@@ -151,7 +171,7 @@ class CloudWatchPublisher:
             now = self._wallclock()
             # A little after the boundary, so the request path has rolled the period over.
             await asyncio.sleep(period - now % period + 0.05)
-            self._take(self._statistics.take_closed())
+            self._take(PeriodStatistics.take_closed)
             while self._buffer:
                 if await self._publish_oldest():
                     delay = self._backoff[0]
@@ -159,11 +179,11 @@ class CloudWatchPublisher:
                 # Full jitter: retries from many proxies do not arrive together.
                 await asyncio.sleep(random.uniform(0, delay))
                 delay = min(delay * 2, self._backoff[1])
-                self._take(self._statistics.take_closed())
+                self._take(PeriodStatistics.take_closed)
 
     async def flush(self, timeout_s: float) -> bool:
         """Publish everything, the partial period included, within ``timeout_s``. True if nothing is left."""
-        self._take(self._statistics.take_all())
+        self._take(PeriodStatistics.take_all)
         deadline = time.monotonic() + timeout_s
         delay = self._backoff[0]
         while self._buffer and time.monotonic() < deadline:
@@ -175,11 +195,11 @@ class CloudWatchPublisher:
         return not self._buffer
 
     async def _publish_oldest(self) -> bool:
-        period = self._buffer[0]
-        data = datums(period, self._target, self._units)
+        target, period = self._buffer[0]
+        data = datums(period, target, self._units)
         try:
             for batch in batches(data):
-                await asyncio.to_thread(self._put, batch)
+                await asyncio.to_thread(self._put, target.namespace, batch)
         except Exception as e:  # every failure is classified and counted; none may stop the publisher
             self._failed(e)
             return False
@@ -189,10 +209,10 @@ class CloudWatchPublisher:
         self._health.last_success.set(self._wallclock())
         return True
 
-    def _put(self, batch: list[dict[str, Any]]) -> None:
+    def _put(self, namespace: str, batch: list[dict[str, Any]]) -> None:
         if self._client is None:
             self._client = self._client_factory()
-        self._client.put_metric_data(Namespace=self._target.namespace, MetricData=batch)
+        self._client.put_metric_data(Namespace=namespace, MetricData=batch)
 
     def _failed(self, error: Exception) -> None:
         reason, message = classify(error)
