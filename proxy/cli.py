@@ -1,4 +1,4 @@
-"""The command line: ``sagemaker-metrics-proxy serve|demo``. Bad configuration exits 2 with one line."""
+"""The command line: ``sagemaker-metrics-proxy serve|monitor|demo``. Bad configuration exits 2 with one line."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import sys
 from collections.abc import Sequence
 from typing import NoReturn
 
-from proxy.settings import SERVE_OPTIONS, ConfigError, add_options, resolve
+from proxy.settings import MONITOR_OPTIONS, SERVE_OPTIONS, ConfigError, add_options, resolve, resolve_monitor
 
 PROG = "sagemaker-metrics-proxy"
 
@@ -24,6 +24,10 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     serve = commands.add_parser("serve", help="run the proxy in front of a model server")
     add_options(serve, SERVE_OPTIONS)
+    monitor = commands.add_parser(
+        "monitor", help="no proxy: sample the instance metrics of a training job's host, serve /metrics, publish to CloudWatch"
+    )
+    add_options(monitor, MONITOR_OPTIONS, benchmark_switch=False)
     demo = commands.add_parser("demo", help="start the example model and the proxy, send traffic, show the metrics")
     demo.add_argument("--requests", type=int, default=1000, help="how many requests to send (default 1000)")
     demo.add_argument("--keep-running", action="store_true", help="keep the model and proxy up after the traffic")
@@ -39,6 +43,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         try:
             settings = resolve(args, os.environ)
             server.run(settings)
+        except ConfigError as e:
+            parser.exit(2, f"{PROG}: error: {e}\n")
+        return 0
+    if args.command == "monitor":
+        from proxy import monitor
+
+        try:
+            monitor.run(resolve_monitor(args, os.environ))
         except ConfigError as e:
             parser.exit(2, f"{PROG}: error: {e}\n")
         return 0

@@ -292,14 +292,14 @@ def setup_logging(settings: Settings | MonitorSettings) -> None:
 
 
 def run(settings: Settings) -> None:
-    """Find the cgroups to watch and bind both ports (ConfigError if a cgroup is missing or a port taken),
+    """Bind both ports and find the cgroups to watch (ConfigError if a port is taken or a cgroup missing),
     then serve until SIGINT or SIGTERM."""
     import uvloop
 
     setup_logging(settings)
-    host = endpoint_host(settings)
     proxy_sock = bind(settings.host, settings.port)
     admin_sock = bind(settings.host, settings.metrics_port)
+    host = endpoint_host(settings)
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
         if settings.workers == 1:
             runner.run(serve(settings, proxy_sock, admin_sock, host))

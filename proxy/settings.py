@@ -7,10 +7,12 @@ No other module reads the environment. Each flag ``--some-flag`` can also be set
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -21,6 +23,9 @@ ENV_PREFIX = "SAGEMAKER_PROXY_"
 NAME_PATTERN = re.compile(r"^[a-zA-Z0-9](-*[a-zA-Z0-9]){0,62}$")
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
 METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
+INSTANCE_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,254}$")
+# Where SageMaker describes a training job's hosts to each of its containers.
+RESOURCE_CONFIG = Path("/opt/ml/input/config/resourceconfig.json")
 
 
 class ConfigError(ValueError):
@@ -51,6 +56,10 @@ class Settings:
     cloudwatch_endpoint_url: str | None = None
     cloudwatch_buffer_periods: int = 120
     cloudwatch_flush_timeout: float = 10.0
+    sample_interval: float = 10.0  # seconds between host samples; 0: no instance metrics
+    watch_cgroups: tuple[str, ...] = ()
+    model_dir: str = "/opt/ml/model"
+    instance_id: str | None = None  # None: the hostname
     # Benchmark-only: forward without recording metrics, to measure what recording costs.
     record_metrics: bool = field(default=True)
 
@@ -160,6 +169,39 @@ def _path(raw: str) -> str:
     return raw
 
 
+def _interval(allow_off: bool) -> Callable[[str], float]:
+    def parse(raw: str) -> float:
+        try:
+            value = float(raw)
+        except ValueError:
+            raise ValueError(f"must be a number of seconds, got {raw!r}") from None
+        if allow_off and value == 0:
+            return 0.0
+        if not 0.1 <= value <= 3600:
+            off = " (0 turns the instance metrics off)" if allow_off else ""
+            raise ValueError(f"must be between 0.1 and 3600 seconds{off}, got {raw!r}")
+        return value
+
+    return parse
+
+
+def _cgroup(raw: str) -> str:
+    parts = raw.split("/")
+    if not raw.startswith("/") or ".." in parts or any(c in raw for c in "\0\n\r"):
+        raise ValueError(f"must be a cgroup path as /proc/PID/cgroup shows it, such as /docker/abc, got {raw!r}")
+    return raw.rstrip("/") or "/"
+
+
+def _instance_id(raw: str) -> str:
+    if not INSTANCE_ID_PATTERN.fullmatch(raw):
+        raise ValueError(f"must be 1-255 letters, digits and . _ : -, starting with a letter or digit, got {raw!r}")
+    return raw
+
+
+def _host_index(raw: str) -> int:
+    return _int_between(1, 10_000)(raw.removeprefix("algo-"))
+
+
 @dataclass(frozen=True)
 class Option:
     flag: str
@@ -200,12 +242,53 @@ SERVE_OPTIONS: tuple[Option, ...] = (
     Option("--cloudwatch-endpoint-url", _http_url, "CloudWatch endpoint, for compatible services and tests"),
     Option("--cloudwatch-buffer-periods", _int_between(1, 100_000), "ended periods kept while CloudWatch is unreachable; the oldest are dropped beyond", "120"),
     Option("--cloudwatch-flush-timeout", _positive_float, "seconds allowed at shutdown to publish the last partial period", "10"),
+    Option("--sample-interval", _interval(allow_off=True), "seconds between samples of the instance metrics (CPU, memory, GPU, disk); 0: off", "10"),
+    Option("--watch-cgroup", _cgroup, "another container's cgroup, as /proc/PID/cgroup shows it, whose CPU and memory add to the instance metrics; repeatable, or a comma list in the environment", repeatable=True),
+    Option("--model-dir", _path, "the model's directory: DiskUtilization is of the file system that holds it (or of / while it does not exist)", "/opt/ml/model"),
+    Option("--instance-id", _instance_id, "this instance in the Host dimension, [endpoint]/[variant]/[instance-id] (default: the hostname)"),
     Option("--log-level", _log_level, "log level: " + ", ".join(LOG_LEVELS), "info"),
 )
-REQUIRED = ("upstream", "endpoint_name")
+REQUIRED = ("upstream", "endpoint_name", "training_job")
+_SHARED = {option.flag: option for option in SERVE_OPTIONS}
+MONITOR_OPTIONS: tuple[Option, ...] = (
+    Option("--training-job", _name, "the training job's name, for the Host dimension [training-job]/algo-[n] (default: $TRAINING_JOB_NAME)"),
+    Option("--host-index", _host_index, "n of algo-n, this host of the job (default: current_host of SageMaker's resourceconfig.json, else 1)"),
+    _SHARED["--host"],
+    _SHARED["--metrics-port"],
+    Option("--sample-interval", _interval(allow_off=False), "seconds between samples of the instance metrics", "10"),
+    _SHARED["--watch-cgroup"],
+    _SHARED["--model-dir"],
+    _SHARED["--cloudwatch"],
+    _SHARED["--cloudwatch-period"],
+    _SHARED["--cloudwatch-region"],
+    _SHARED["--cloudwatch-endpoint-url"],
+    _SHARED["--cloudwatch-buffer-periods"],
+    _SHARED["--cloudwatch-flush-timeout"],
+    _SHARED["--log-level"],
+)
 
 
-def add_options(parser: argparse.ArgumentParser, options: Sequence[Option]) -> None:
+@dataclass(frozen=True)
+class MonitorSettings:
+    """The ``monitor`` command: instance metrics of one host of a training job, with no proxy."""
+
+    training_job: str
+    host_index: int = 1
+    host: str = "0.0.0.0"
+    metrics_port: int = 9090
+    sample_interval: float = 10.0
+    watch_cgroups: tuple[str, ...] = ()
+    model_dir: str = "/opt/ml/model"
+    cloudwatch: bool = False
+    cloudwatch_period: int = 60
+    cloudwatch_region: str | None = None
+    cloudwatch_endpoint_url: str | None = None
+    cloudwatch_buffer_periods: int = 120
+    cloudwatch_flush_timeout: float = 10.0
+    log_level: str = "info"
+
+
+def add_options(parser: argparse.ArgumentParser, options: Sequence[Option], *, benchmark_switch: bool = True) -> None:
     """Declare the flags; values stay raw strings here and are parsed once in ``resolve``."""
     for option in options:
         default_text = f" (default {option.default})" if option.default is not None else ""
@@ -216,12 +299,15 @@ def add_options(parser: argparse.ArgumentParser, options: Sequence[Option]) -> N
             parser.add_argument(option.flag, dest=option.dest, action="store_const", const="true", help=help_text)
         else:
             parser.add_argument(option.flag, dest=option.dest, help=help_text)
-    # Benchmark-only switch; not part of the user-facing flags.
-    parser.add_argument("--no-record-metrics", dest="record_metrics", action="store_false", help=argparse.SUPPRESS)
+    if benchmark_switch:  # benchmark-only; not part of the user-facing flags
+        parser.add_argument("--no-record-metrics", dest="record_metrics", action="store_false", help=argparse.SUPPRESS)
 
 
-def resolve(args: argparse.Namespace, environ: Mapping[str, str], options: Sequence[Option] = SERVE_OPTIONS) -> Settings:
-    """Flags, then environment, then defaults; every value parsed and checked. Raises ConfigError."""
+def _values(
+    args: argparse.Namespace, environ: Mapping[str, str], options: Sequence[Option], fallbacks: Mapping[str, tuple[str, str]] | None = None
+) -> dict[str, Any]:
+    """Flags, then environment, then ``fallbacks`` (dest: (source, raw value)), then defaults; every value
+    parsed and checked. Raises ConfigError."""
     values: dict[str, Any] = {}
     for option in options:
         given = getattr(args, option.dest, None)
@@ -230,9 +316,12 @@ def resolve(args: argparse.Namespace, environ: Mapping[str, str], options: Seque
             env_value = environ[option.env]
             given = env_value.split(",") if option.repeatable else env_value
             source = option.env
+        if given is None and fallbacks and option.dest in fallbacks:
+            source, given = fallbacks[option.dest]
         if given is None:
             if option.dest in REQUIRED:
-                raise ConfigError(f"{option.flag} is required (or set {option.env})")
+                also = ", or TRAINING_JOB_NAME as SageMaker does" if option.dest == "training_job" else ""
+                raise ConfigError(f"{option.flag} is required (or set {option.env}{also})")
             if option.default is None:
                 continue
             given = [option.default] if option.repeatable else option.default
@@ -244,6 +333,12 @@ def resolve(args: argparse.Namespace, environ: Mapping[str, str], options: Seque
                 values[option.dest] = option.parse(given)
         except ValueError as e:
             raise ConfigError(f"{source}: {e}") from None
+    return values
+
+
+def resolve(args: argparse.Namespace, environ: Mapping[str, str], options: Sequence[Option] = SERVE_OPTIONS) -> Settings:
+    """The ``serve`` settings: flags, then environment, then defaults. Raises ConfigError."""
+    values = _values(args, environ, options)
     if values["port"] == values["metrics_port"]:
         raise ConfigError(f"--port and --metrics-port must differ, both are {values['port']}")
     return Settings(
@@ -269,5 +364,47 @@ def resolve(args: argparse.Namespace, environ: Mapping[str, str], options: Seque
         cloudwatch_endpoint_url=values.get("cloudwatch_endpoint_url"),
         cloudwatch_buffer_periods=values["cloudwatch_buffer_periods"],
         cloudwatch_flush_timeout=values["cloudwatch_flush_timeout"],
+        sample_interval=values["sample_interval"],
+        watch_cgroups=tuple(values.get("watch_cgroup", ())),
+        model_dir=values["model_dir"],
+        instance_id=values.get("instance_id"),
         record_metrics=getattr(args, "record_metrics", True),
+    )
+
+
+def training_environment(environ: Mapping[str, str], resource_config: Path = RESOURCE_CONFIG) -> dict[str, tuple[str, str]]:
+    """Defaults that SageMaker's training environment gives, where present: the job's name from
+    ``TRAINING_JOB_NAME`` and this host from ``current_host`` (``algo-1``) in resourceconfig.json."""
+    out = {}
+    if environ.get("TRAINING_JOB_NAME"):
+        out["training_job"] = ("TRAINING_JOB_NAME", environ["TRAINING_JOB_NAME"])
+    try:
+        current_host = json.loads(resource_config.read_text()).get("current_host")
+    except FileNotFoundError:
+        current_host = None
+    except (OSError, ValueError, AttributeError) as e:
+        raise ConfigError(f"{resource_config} is not readable JSON: {e}") from None
+    if isinstance(current_host, str):
+        out["host_index"] = (f"current_host of {resource_config}", current_host)
+    return out
+
+
+def resolve_monitor(args: argparse.Namespace, environ: Mapping[str, str], resource_config: Path = RESOURCE_CONFIG) -> MonitorSettings:
+    """The ``monitor`` settings: flags, then environment, then SageMaker's training environment, then defaults."""
+    values = _values(args, environ, MONITOR_OPTIONS, training_environment(environ, resource_config))
+    return MonitorSettings(
+        training_job=values["training_job"],
+        host_index=values.get("host_index", 1),
+        host=values["host"],
+        metrics_port=values["metrics_port"],
+        sample_interval=values["sample_interval"],
+        watch_cgroups=tuple(values.get("watch_cgroup", ())),
+        model_dir=values["model_dir"],
+        cloudwatch=values["cloudwatch"],
+        cloudwatch_period=values["cloudwatch_period"],
+        cloudwatch_region=values.get("cloudwatch_region"),
+        cloudwatch_endpoint_url=values.get("cloudwatch_endpoint_url"),
+        cloudwatch_buffer_periods=values["cloudwatch_buffer_periods"],
+        cloudwatch_flush_timeout=values["cloudwatch_flush_timeout"],
+        log_level=values["log_level"],
     )

@@ -1,0 +1,169 @@
+"""What runs beside the request path: the host sampler and the CloudWatch publisher.
+
+Each process runs the parts it owns: a single-process proxy both; with ``--workers N`` each worker
+publishes its own invocation metrics and the supervisor samples the host, once; the ``monitor``
+command samples the host of a training job. boto3 and NVML load only inside the pieces that use them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol
+
+from prometheus_client import CollectorRegistry
+
+from metrics.cgroups import CgroupError
+from metrics.host import HostCollector, HostMonitor, HostSampler, open_sampler
+from metrics.statistics import PeriodStatistics
+from proxy.settings import ConfigError, MonitorSettings, Settings
+
+if TYPE_CHECKING:
+    from metrics.cloudwatch import CloudWatchPublisher, CloudWatchTarget
+
+log = logging.getLogger("proxy")
+
+ENDPOINTS_NAMESPACE = "/aws/sagemaker/Endpoints"
+TRAINING_JOBS_NAMESPACE = "/aws/sagemaker/TrainingJobs"
+
+Dimensions = tuple[tuple[str, str], ...]
+
+
+class CloudWatchSettings(Protocol):
+    """The CloudWatch part of ``Settings`` and ``MonitorSettings``."""
+
+    @property
+    def cloudwatch(self) -> bool: ...
+    @property
+    def cloudwatch_period(self) -> int: ...
+    @property
+    def cloudwatch_region(self) -> str | None: ...
+    @property
+    def cloudwatch_endpoint_url(self) -> str | None: ...
+    @property
+    def cloudwatch_buffer_periods(self) -> int: ...
+    @property
+    def cloudwatch_flush_timeout(self) -> float: ...
+
+
+@dataclass(frozen=True)
+class Stream:
+    """Where one set of metrics goes in CloudWatch: a namespace and its dimension sets."""
+
+    namespace: str
+    dimension_sets: tuple[Dimensions, ...]
+
+
+@dataclass(frozen=True)
+class Host:
+    """The instance metrics of this host: how to sample them, their Prometheus labels, their CloudWatch stream."""
+
+    sampler: HostSampler
+    interval_s: float
+    labels: Mapping[str, str]
+    stream: Stream
+
+
+def open_host_sampler(watch_cgroups: tuple[str, ...], model_dir: str) -> HostSampler:
+    """Raises ConfigError when a ``--watch-cgroup`` does not exist."""
+    try:
+        return open_sampler(watch_cgroups=watch_cgroups, model_dir=model_dir)
+    except CgroupError as e:
+        raise ConfigError(f"--watch-cgroup: {e}") from None
+
+
+def endpoint_host(settings: Settings) -> Host | None:
+    """Host ``[endpoint-name]/[variant-name]/[instance-id]``, also published by EndpointName and VariantName."""
+    if settings.sample_interval == 0:
+        return None
+    e, v = settings.endpoint_name, settings.variant_name
+    host = f"{e}/{v}/{settings.instance_id or socket.gethostname()}"
+    return Host(
+        open_host_sampler(settings.watch_cgroups, settings.model_dir),
+        settings.sample_interval,
+        {"endpoint_name": e, "variant_name": v, "host": host},
+        Stream(ENDPOINTS_NAMESPACE, ((("Host", host),), (("EndpointName", e), ("VariantName", v)))),
+    )
+
+
+def training_host(settings: MonitorSettings) -> Host:
+    """Host ``[training-job-name]/algo-[n]``, as SageMaker names a training job's instances."""
+    host = f"{settings.training_job}/algo-{settings.host_index}"
+    return Host(
+        open_host_sampler(settings.watch_cgroups, settings.model_dir),
+        settings.sample_interval,
+        {"host": host},
+        Stream(TRAINING_JOBS_NAMESPACE, ((("Host", host),),)),
+    )
+
+
+class Background:
+    """The host sampler (given ``host``) and the CloudWatch publisher (when enabled) of one process.
+
+    ``invocations`` is the stream of the invocation metrics this process records, if any; their
+    statistic sets are ``statistics``, for the recorder. The publisher's health is labelled ``health_labels``.
+    """
+
+    def __init__(
+        self,
+        settings: CloudWatchSettings,
+        registry: CollectorRegistry,
+        *,
+        health_labels: Mapping[str, str],
+        invocations: Stream | None = None,
+        host: Host | None = None,
+    ) -> None:
+        self._settings = settings
+        self.statistics: PeriodStatistics | None = None
+        self.monitor: HostMonitor | None = None
+        self._publisher: CloudWatchPublisher | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        streams: list[tuple[PeriodStatistics, CloudWatchTarget]] = []
+        if settings.cloudwatch and invocations is not None:
+            self.statistics = PeriodStatistics(settings.cloudwatch_period)
+            streams.append((self.statistics, self._target(invocations)))
+        if host is not None:
+            host_statistics = PeriodStatistics(settings.cloudwatch_period) if settings.cloudwatch else None
+            monitor = self.monitor = HostMonitor(host.sampler, host.interval_s, host_statistics)
+            registry.register(HostCollector(lambda: monitor.latest, host.labels))
+            if host_statistics is not None:
+                streams.append((host_statistics, self._target(host.stream)))
+        if streams:
+            from metrics.cloudwatch import CloudWatchPublisher, PublisherHealth
+
+            (statistics, target), *also = streams
+            self._publisher = CloudWatchPublisher(
+                statistics, target, PublisherHealth(registry, labels=health_labels),
+                buffer_periods=settings.cloudwatch_buffer_periods, also=also,
+            )
+
+    def _target(self, stream: Stream) -> CloudWatchTarget:
+        from metrics.cloudwatch import CloudWatchTarget
+
+        first, *more = stream.dimension_sets
+        s = self._settings
+        return CloudWatchTarget(
+            namespace=stream.namespace,
+            dimensions=first,
+            storage_resolution=1 if s.cloudwatch_period < 60 else 60,
+            region=s.cloudwatch_region,
+            endpoint_url=s.cloudwatch_endpoint_url,
+            also_dimensions=tuple(more),
+        )
+
+    def start(self) -> None:
+        if self.monitor is not None:
+            self._tasks.append(asyncio.create_task(self.monitor.run()))
+        if self._publisher is not None:
+            self._tasks.append(asyncio.create_task(self._publisher.run()))
+
+    async def stop(self) -> None:
+        """After the server has drained its requests: flush the last partial period, within the bound."""
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._publisher is not None:
+            await self._publisher.flush(self._settings.cloudwatch_flush_timeout)

@@ -1,0 +1,62 @@
+"""``sagemaker-metrics-proxy monitor``: the instance metrics of one host of a training job, with no proxy.
+
+It samples the watched containers, serves /metrics and /healthz on the metrics port, and with
+``--cloudwatch`` publishes to ``/aws/sagemaker/TrainingJobs`` with Host ``[training-job-name]/algo-[n]``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+
+from prometheus_client import CollectorRegistry
+from prometheus_client.exposition import choose_encoder
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from proxy.background import Background, Host, training_host
+from proxy.server import Server, bind, setup_logging, stop_on_signals, uvicorn_config
+from proxy.settings import MonitorSettings
+
+log = logging.getLogger("proxy")
+
+
+def create_metrics_app(registry: CollectorRegistry) -> Starlette:
+    async def metrics(request: Request) -> Response:
+        encoder, content_type = choose_encoder(request.headers.get("accept", ""))
+        return Response(encoder(registry), media_type=content_type)
+
+    async def healthz(request: Request) -> Response:
+        return JSONResponse({"status": "ok"})
+
+    return Starlette(routes=[Route("/metrics", metrics, methods=["GET"]), Route("/healthz", healthz, methods=["GET"])])
+
+
+async def monitor(settings: MonitorSettings, admin_sock: socket.socket, host: Host) -> None:
+    registry = CollectorRegistry()
+    background = Background(settings, registry, health_labels=host.labels, host=host)
+    server = Server(uvicorn_config(create_metrics_app(registry), settings))
+    stop_on_signals(server)
+    log.info(
+        "sampling %s every %g s; metrics on %s:%d/metrics", host.labels["host"], settings.sample_interval,
+        settings.host, settings.metrics_port,
+    )
+    background.start()
+    try:
+        await server.serve([admin_sock])
+    finally:
+        await background.stop()
+
+
+def run(settings: MonitorSettings) -> None:
+    """Bind the metrics port and find the cgroups to watch (ConfigError if either fails), then run until SIGINT or SIGTERM."""
+    import uvloop
+
+    setup_logging(settings)
+    admin_sock = bind(settings.host, settings.metrics_port)
+    host = training_host(settings)
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        runner.run(monitor(settings, admin_sock, host))
