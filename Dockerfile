@@ -14,7 +14,7 @@ COPY proxy ./proxy
 COPY metrics ./metrics
 COPY example_model ./example_model
 RUN python -m venv /opt/venv \
-    && /opt/venv/bin/pip install --no-cache-dir .
+    && /opt/venv/bin/pip install --no-cache-dir ".[gpu]"
 
 FROM python:3.11-slim-bookworm
 RUN useradd --system --uid 10001 --no-create-home --shell /usr/sbin/nologin proxy

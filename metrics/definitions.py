@@ -89,6 +89,10 @@ UPSTREAM_ERRORS = MetricDefinition(
     "Invocations that failed in the proxy's call to the model, by reason (the client got 502 or 504).",
     labels=("reason",),
 )
+INSTANCE_COUNT_ERRORS = MetricDefinition(
+    "sagemaker_proxy_instance_count_errors_total", Kind.COUNTER,
+    "Failed polls of the live instance count source (the last good count is kept).",
+)
 CLIENT_DISCONNECTS = MetricDefinition(
     "sagemaker_proxy_client_disconnects_total", Kind.COUNTER,
     "Invocations abandoned because the client disconnected while the model was working.",
@@ -163,6 +167,7 @@ ALL_METRICS = (
     REJECTED_REQUESTS,
     UPSTREAM_ERRORS,
     CLIENT_DISCONNECTS,
+    INSTANCE_COUNT_ERRORS,
     CLOUDWATCH_LAST_SUCCESS,
     CLOUDWATCH_FAILURES,
     CLOUDWATCH_BUFFERED_PERIODS,

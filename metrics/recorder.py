@@ -54,6 +54,7 @@ class InvocationMetrics:
         self.concurrent = gauge(d.CONCURRENT_REQUESTS_PER_MODEL, "livesum")
         self.live_instances = gauge(d.LIVE_INSTANCES, "livemax")
         self.client_disconnects = counter(d.CLIENT_DISCONNECTS)
+        self.instance_count_errors = counter(d.INSTANCE_COUNT_ERRORS)
         self.rejected = counter(d.REJECTED_REQUESTS)
         self.upstream_errors = counter(d.UPSTREAM_ERRORS)
 
@@ -89,6 +90,7 @@ class InvocationRecorder:
         self._concurrent = m.concurrent.labels(e, v)
         self._live_instances = m.live_instances.labels(e, v)
         self._client_disconnects = m.client_disconnects.labels(e, v)
+        self._instance_count_errors = m.instance_count_errors.labels(e, v)
         rejected = m.rejected
         upstream_errors = m.upstream_errors
         # Children created up front so every reason is exported as 0 before it first happens.
@@ -164,6 +166,9 @@ class InvocationRecorder:
 
     def rejected(self, reason: str) -> None:
         self._rejected[reason].inc()
+
+    def instance_count_error(self) -> None:
+        self._instance_count_errors.inc()
 
     def live_instances(self, n: int) -> None:
         self._live_instances.set(n)

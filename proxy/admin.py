@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import choose_encoder
@@ -20,11 +20,12 @@ READY_TIMEOUT_S = 2.0  # SageMaker's ping timeout
 
 def create_admin_app(
     registry: Callable[[], CollectorRegistry],
-    upstream: UpstreamClient,
+    upstreams: Sequence[UpstreamClient],
     *,
     ping_path: str,
 ) -> Starlette:
-    """``registry`` is called per scrape, so a multiprocess collector can be built fresh each time."""
+    """``registry`` is called per scrape, so a multiprocess collector can be built fresh each time.
+    /readyz is ready when every variant's model answers its ping."""
 
     async def metrics(request: Request) -> Response:
         encoder, content_type = choose_encoder(request.headers.get("accept", ""))
@@ -33,7 +34,7 @@ def create_admin_app(
     async def healthz(request: Request) -> Response:
         return JSONResponse({"status": "ok"})
 
-    async def readyz(request: Request) -> Response:
+    async def not_ready(upstream: UpstreamClient) -> str | None:
         headers = [(b"host", upstream.authority)]
         try:
             async with asyncio.timeout(READY_TIMEOUT_S):
@@ -44,11 +45,18 @@ def create_admin_app(
                 finally:
                     response.close()
         except UpstreamError as e:
-            return JSONResponse({"status": "not ready", "reason": str(e)}, status_code=503)
+            return str(e)
         except TimeoutError:
-            return JSONResponse({"status": "not ready", "reason": f"the model's {ping_path} took over {READY_TIMEOUT_S:g} s"}, status_code=503)
+            return f"the model's {ping_path} took over {READY_TIMEOUT_S:g} s"
         if response.status != 200:
-            return JSONResponse({"status": "not ready", "reason": f"the model's {ping_path} returned {response.status}"}, status_code=503)
+            return f"the model's {ping_path} returned {response.status}"
+        return None
+
+    async def readyz(request: Request) -> Response:
+        for upstream in upstreams:
+            reason = await not_ready(upstream)
+            if reason is not None:
+                return JSONResponse({"status": "not ready", "reason": reason}, status_code=503)
         return JSONResponse({"status": "ready"})
 
     return Starlette(

@@ -103,8 +103,9 @@ def training_host(settings: MonitorSettings) -> Host:
 class Background:
     """The host sampler (given ``host``) and the CloudWatch publisher (when enabled) of one process.
 
-    ``invocations`` is the stream of the invocation metrics this process records, if any; their
-    statistic sets are ``statistics``, for the recorder. The publisher's health is labelled ``health_labels``.
+    ``invocations`` maps each variant whose invocation metrics this process records to its stream;
+    their statistic sets are ``statistics[variant]``, for the recorders. The publisher's health is
+    labelled ``health_labels``.
     """
 
     def __init__(
@@ -113,18 +114,19 @@ class Background:
         registry: CollectorRegistry,
         *,
         health_labels: Mapping[str, str],
-        invocations: Stream | None = None,
+        invocations: Mapping[str, Stream] | None = None,
         host: Host | None = None,
     ) -> None:
         self._settings = settings
-        self.statistics: PeriodStatistics | None = None
+        self.statistics: dict[str, PeriodStatistics] = {}
         self.monitor: HostMonitor | None = None
         self._publisher: CloudWatchPublisher | None = None
         self._tasks: list[asyncio.Task[None]] = []
         streams: list[tuple[PeriodStatistics, CloudWatchTarget]] = []
-        if settings.cloudwatch and invocations is not None:
-            self.statistics = PeriodStatistics(settings.cloudwatch_period)
-            streams.append((self.statistics, self._target(invocations)))
+        if settings.cloudwatch and invocations:
+            for variant, stream in invocations.items():
+                self.statistics[variant] = PeriodStatistics(settings.cloudwatch_period)
+                streams.append((self.statistics[variant], self._target(stream)))
         if host is not None:
             host_statistics = PeriodStatistics(settings.cloudwatch_period) if settings.cloudwatch else None
             monitor = self.monitor = HostMonitor(host.sampler, host.interval_s, host_statistics)

@@ -11,7 +11,7 @@ import shutil
 import signal
 import socket
 import tempfile
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from multiprocessing.process import BaseProcess
 
 import uvicorn
@@ -21,15 +21,13 @@ from prometheus_client.registry import Collector
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from metrics import definitions as d
-from metrics.recorder import InvocationMetrics, InvocationRecorder
+from metrics.recorder import InvocationMetrics
 from metrics.statistics import PeriodStatistics
 from proxy.admin import create_admin_app
-from proxy.app import DISCONNECT_EXTENSION, ProxyApp, Variant
+from proxy.app import DISCONNECT_EXTENSION, ProxyApp
 from proxy.background import Background, Host, Stream, endpoint_host
-from proxy.errors import REJECT_REASONS, UPSTREAM_ERROR_REASONS
-from proxy.instances import StaticInstanceCount
 from proxy.settings import ConfigError, MonitorSettings, Settings
-from proxy.upstream import HttpUpstream
+from proxy.variants import Variants, build_variants, upstream_client
 
 log = logging.getLogger("proxy")
 # Longer than the 60 s idle timeout of common load balancers, so they never reuse a connection we closed.
@@ -102,40 +100,31 @@ def uvicorn_config(app: object, settings: Settings | MonitorSettings) -> uvicorn
 
 def _background(settings: Settings, registry: CollectorRegistry, *, invocations: bool, host: Host | None) -> Background:
     """This process's part: the invocation metrics it records (in ``cloudwatch_namespace``), the host it samples."""
-    stream = Stream(settings.cloudwatch_namespace, ((("EndpointName", settings.endpoint_name), ("VariantName", settings.variant_name)),))
+    e = settings.endpoint_name
+    streams = {v.name: Stream(settings.cloudwatch_namespace, ((("EndpointName", e), ("VariantName", v.name)),)) for v in settings.variants}
     return Background(
         settings, registry,
-        health_labels={"endpoint_name": settings.endpoint_name, "variant_name": settings.variant_name},
-        invocations=stream if invocations else None,
+        health_labels={"endpoint_name": e, "variant_name": settings.variant_name},
+        invocations=streams if invocations else None,
         host=host,
     )
 
 
-def _proxy_app(settings: Settings, registry: CollectorRegistry, statistics: PeriodStatistics | None) -> tuple[ProxyApp, HttpUpstream]:
+def _proxy_app(settings: Settings, registry: CollectorRegistry, statistics: Mapping[str, PeriodStatistics]) -> tuple[ProxyApp, Variants]:
     metrics = InvocationMetrics(
         registry,
         model_latency_buckets=settings.model_latency_buckets,
         overhead_latency_buckets=settings.overhead_latency_buckets,
     )
-    recorder = InvocationRecorder(
-        metrics,
-        endpoint_name=settings.endpoint_name,
-        variant_name=settings.variant_name,
-        reject_reasons=REJECT_REASONS,
-        upstream_error_reasons=UPSTREAM_ERROR_REASONS,
-        statistics=statistics,
-    )
-    instances = StaticInstanceCount(settings.instance_count)
-    recorder.live_instances(instances.current())
-    upstream = HttpUpstream(settings.upstream)
+    variants = build_variants(settings, metrics, statistics)
     app = ProxyApp(
-        variants=[Variant(settings.variant_name, upstream, recorder, instances)],
+        variants=variants.variants,
         invocation_routes=settings.invocation_routes,
         max_payload_bytes=settings.max_payload_bytes,
         invocation_timeout=settings.invocation_timeout,
         record=settings.record_metrics,
     )
-    return app, upstream
+    return app, variants
 
 
 def stop_on_signals(*servers: uvicorn.Server) -> None:
@@ -152,19 +141,20 @@ async def serve(settings: Settings, proxy_sock: socket.socket, admin_sock: socke
     """One process: the proxy and the admin port in one loop, metrics in memory; ``host`` is sampled here too."""
     registry = CollectorRegistry()
     background = _background(settings, registry, invocations=True, host=host)
-    app, upstream = _proxy_app(settings, registry, background.statistics)
-    admin = create_admin_app(lambda: registry, upstream, ping_path=settings.ping_path)
+    app, variants = _proxy_app(settings, registry, background.statistics)
+    admin = create_admin_app(lambda: registry, variants.upstreams(), ping_path=settings.ping_path)
     proxy_server = Server(uvicorn_config(app, settings))
     admin_server = Server(uvicorn_config(admin, settings))
     stop_on_signals(proxy_server, admin_server)
     _log_start(settings)
     background.start()
+    variants.start()
     try:
         await asyncio.gather(proxy_server.serve([proxy_sock]), admin_server.serve([admin_sock]))
     finally:
         proxy_server.should_exit = admin_server.should_exit = True
         await background.stop()
-        await upstream.close()
+        await variants.close()
 
 
 def _log_start(settings: Settings) -> None:
@@ -192,15 +182,16 @@ async def _serve_worker(settings: Settings, proxy_sock: socket.socket) -> None:
     # PROMETHEUS_MULTIPROC_DIR was set before this process started, so values live in its files.
     registry = CollectorRegistry()
     background = _background(settings, registry, invocations=True, host=None)  # the supervisor samples the host
-    app, upstream = _proxy_app(settings, registry, background.statistics)
+    app, variants = _proxy_app(settings, registry, background.statistics)
     server = Server(uvicorn_config(app, settings))
     stop_on_signals(server)
     background.start()
+    variants.start()
     try:
         await server.serve([proxy_sock])
     finally:
         await background.stop()
-        await upstream.close()
+        await variants.close()
 
 
 class _WorkersAndSupervisor(Collector):
@@ -255,8 +246,9 @@ async def _supervise(
         return registry
 
     workers = [start_worker() for _ in range(settings.workers)]
-    upstream = HttpUpstream(settings.upstream)
-    admin_server = Server(uvicorn_config(create_admin_app(collect, upstream, ping_path=settings.ping_path), settings))
+    # The supervisor answers /readyz with clients of its own; the workers do the balancing.
+    clients = [upstream_client(settings, spec) for spec in settings.variants]
+    admin_server = Server(uvicorn_config(create_admin_app(collect, clients, ping_path=settings.ping_path), settings))
     stop_on_signals(admin_server)
     _log_start(settings)
     background.start()
@@ -281,7 +273,8 @@ async def _supervise(
             await asyncio.to_thread(worker.join, 15)
             multiprocess.mark_process_dead(worker.pid, multiproc_dir)
         await background.stop()
-        await upstream.close()
+        for client in clients:
+            await client.close()
 
 
 def setup_logging(settings: Settings | MonitorSettings) -> None:

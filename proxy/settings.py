@@ -33,8 +33,17 @@ class ConfigError(ValueError):
 
 
 @dataclass(frozen=True)
+class VariantSpec:
+    """A production variant: its model instances and its share of the traffic."""
+
+    name: str
+    upstreams: tuple[str, ...]
+    weight: float = 1.0
+
+
+@dataclass(frozen=True)
 class Settings:
-    upstream: str
+    upstream: str  # the first model instance of the first variant
     endpoint_name: str
     host: str = "0.0.0.0"
     port: int = 8080
@@ -60,6 +69,16 @@ class Settings:
     watch_cgroups: tuple[str, ...] = ()
     model_dir: str = "/opt/ml/model"
     instance_id: str | None = None  # None: the hostname
+    # Several instances and variants; resolve() always fills variants, one per --variant or else
+    # one named --variant-name over the --upstream instances.
+    variants: tuple[VariantSpec, ...] = ()
+    instance_count_from: str = "static"  # static, upstreams, sagemaker, file:PATH or dns:NAME
+    instance_count_interval: float = 10.0
+    health_check_interval: float = 2.0
+    health_check_timeout: float = 2.0
+    unhealthy_threshold: int = 2
+    healthy_threshold: int = 1
+    sagemaker_endpoint_url: str | None = None
     # Benchmark-only: forward without recording metrics, to measure what recording costs.
     record_metrics: bool = field(default=True)
 
@@ -101,6 +120,35 @@ def _upstream(raw: str) -> str:
     if not parts.hostname or parts.path not in ("", "/") or parts.query:
         raise ValueError(f"must be http://host:port with no path, got {raw!r}")
     return f"http://{parts.netloc}"
+
+
+def _upstreams(raw: str) -> list[str]:
+    return [_upstream(part.strip()) for part in raw.split(",") if part.strip()] or [_upstream(raw)]
+
+
+def _variant(raw: str) -> VariantSpec:
+    name, eq, rest = raw.partition("=")
+    urls, colon, weight = rest.rpartition(":")
+    if not eq or not colon:
+        raise ValueError(f"must be NAME=URL[,URL...]:WEIGHT, such as Blue=http://127.0.0.1:8081:3, got {raw!r}")
+    try:
+        share = float(weight)
+    except ValueError:
+        raise ValueError(f"must end in :WEIGHT, a number, got {raw!r}") from None
+    if not math.isfinite(share) or share <= 0:
+        raise ValueError(f"needs a positive weight, got {raw!r}")
+    upstreams = tuple(_upstreams(urls))
+    # Every URL names its port, so "http://host:8081" can never be read as host on port 80, weight 8081.
+    if any(urlsplit(u).port is None or u.count(":") < 2 for u in (p.strip() for p in urls.split(","))):
+        raise ValueError(f"must be NAME=URL[,URL...]:WEIGHT with each URL as http://host:port, got {raw!r}")
+    return VariantSpec(_name(name), upstreams, share)
+
+
+def _count_source(raw: str) -> str:
+    kind, _, arg = raw.partition(":")
+    if raw in ("static", "upstreams", "sagemaker") or (kind in ("file", "dns") and arg):
+        return raw
+    raise ValueError(f"must be static, upstreams, sagemaker, file:PATH or dns:NAME, got {raw!r}")
 
 
 def _name(raw: str) -> str:
@@ -209,6 +257,7 @@ class Option:
     help: str
     default: str | None = None
     repeatable: bool = False
+    env_separator: str = ","  # how a repeatable flag's values are separated in its environment variable
     switch: bool = False  # takes no value on the command line: present means true
 
     @property
@@ -221,7 +270,7 @@ class Option:
 
 
 SERVE_OPTIONS: tuple[Option, ...] = (
-    Option("--upstream", _upstream, "model server to forward to, http://host:port (required)"),
+    Option("--upstream", _upstreams, "model server to forward to, http://host:port; repeatable or a comma list for several instances (required, unless --variant)", repeatable=True),
     Option("--endpoint-name", _name, "endpoint name for the EndpointName label and dimension (required)"),
     Option("--variant-name", _name, "production variant name", "AllTraffic"),
     Option("--host", str, "address to listen on, for both ports", "0.0.0.0"),
@@ -234,6 +283,14 @@ SERVE_OPTIONS: tuple[Option, ...] = (
     Option("--ping-path", _path, "the model's health check path, used by /readyz", "/ping"),
     Option("--model-latency-buckets", _buckets, "ModelLatency histogram buckets, comma-separated microseconds", ",".join(f"{b:.0f}" for b in DEFAULT_MODEL_LATENCY_BUCKETS_US)),
     Option("--overhead-latency-buckets", _buckets, "OverheadLatency histogram buckets, comma-separated microseconds", ",".join(f"{b:.0f}" for b in DEFAULT_OVERHEAD_LATENCY_BUCKETS_US)),
+    Option("--variant", _variant, "a production variant NAME=URL[,URL...]:WEIGHT; repeatable, space-separated in the environment; replaces --upstream and --variant-name", repeatable=True, env_separator=" "),
+    Option("--instance-count-from", _count_source, "where n of InvocationsPerInstance comes from: static (--instance-count), upstreams (healthy instances), sagemaker (DescribeEndpoint), file:PATH, dns:NAME", "static"),
+    Option("--instance-count-interval", _positive_float, "seconds between polls of the sagemaker and dns sources (a file is checked every second)", "10"),
+    Option("--health-check-interval", _positive_float, "seconds between pings of each model instance, with several instances or --instance-count-from upstreams", "2"),
+    Option("--health-check-timeout", _positive_float, "seconds a ping may take", "2"),
+    Option("--unhealthy-threshold", _int_between(1, 100), "failed pings that take an instance out", "2"),
+    Option("--healthy-threshold", _int_between(1, 100), "good pings that bring it back", "1"),
+    Option("--sagemaker-endpoint-url", _http_url, "SageMaker API endpoint for --instance-count-from sagemaker, for compatible services and tests"),
     Option("--workers", _int_between(1, 64), "worker processes sharing the proxy port; metrics are merged into one set", "1"),
     Option("--cloudwatch", _bool, "publish the metrics to CloudWatch with PutMetricData", "false", switch=True),
     Option("--cloudwatch-namespace", _namespace, "CloudWatch namespace for the invocation metrics; not AWS/...", "SageMakerProxy"),
@@ -248,7 +305,7 @@ SERVE_OPTIONS: tuple[Option, ...] = (
     Option("--instance-id", _instance_id, "this instance in the Host dimension, [endpoint]/[variant]/[instance-id] (default: the hostname)"),
     Option("--log-level", _log_level, "log level: " + ", ".join(LOG_LEVELS), "info"),
 )
-REQUIRED = ("upstream", "endpoint_name", "training_job")
+REQUIRED = ("endpoint_name", "training_job")
 _SHARED = {option.flag: option for option in SERVE_OPTIONS}
 MONITOR_OPTIONS: tuple[Option, ...] = (
     Option("--training-job", _name, "the training job's name, for the Host dimension [training-job]/algo-[n] (default: $TRAINING_JOB_NAME)"),
@@ -314,7 +371,7 @@ def _values(
         source = option.flag
         if given is None and option.env in environ:
             env_value = environ[option.env]
-            given = env_value.split(",") if option.repeatable else env_value
+            given = env_value.split(option.env_separator) if option.repeatable else env_value
             source = option.env
         if given is None and fallbacks and option.dest in fallbacks:
             source, given = fallbacks[option.dest]
@@ -341,13 +398,32 @@ def resolve(args: argparse.Namespace, environ: Mapping[str, str], options: Seque
     values = _values(args, environ, options)
     if values["port"] == values["metrics_port"]:
         raise ConfigError(f"--port and --metrics-port must differ, both are {values['port']}")
+    upstreams = tuple(url for urls in values.get("upstream", ()) for url in urls)
+    variants: tuple[VariantSpec, ...] = tuple(values.get("variant", ()))
+    if variants and upstreams:
+        raise ConfigError("--upstream and --variant exclude each other: give the instances of each variant in --variant NAME=URL[,URL...]:WEIGHT")
+    if not variants and not upstreams:
+        raise ConfigError("--upstream is required (or set SAGEMAKER_PROXY_UPSTREAM), or give --variant")
+    if not variants:
+        variants = (VariantSpec(values["variant_name"], upstreams),)
+    names = [v.name for v in variants]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"--variant: each variant needs its own name, got {', '.join(names)}")
     return Settings(
-        upstream=values["upstream"],
+        upstream=variants[0].upstreams[0],
+        variants=variants,
+        instance_count_from=values["instance_count_from"],
+        instance_count_interval=values["instance_count_interval"],
+        health_check_interval=values["health_check_interval"],
+        health_check_timeout=values["health_check_timeout"],
+        unhealthy_threshold=values["unhealthy_threshold"],
+        healthy_threshold=values["healthy_threshold"],
+        sagemaker_endpoint_url=values.get("sagemaker_endpoint_url"),
         endpoint_name=values["endpoint_name"],
         host=values["host"],
         port=values["port"],
         metrics_port=values["metrics_port"],
-        variant_name=values["variant_name"],
+        variant_name=variants[0].name,
         instance_count=values["instance_count"],
         invocation_routes=frozenset(values["invocation_route"]),
         max_payload_bytes=values["max_payload_bytes"],

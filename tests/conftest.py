@@ -113,14 +113,14 @@ def faulty_model(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Running]:
 
 @pytest.fixture
 def start_proxy(tmp_path: Path) -> Iterator[Callable[..., Proxy]]:
-    """Start the real proxy as a process: ``start_proxy(upstream_url, "--flag", "value", ...)``."""
+    """Start the real proxy as a process: ``start_proxy(upstream_url or None, "--flag", "value", ...)``."""
     started: list[Proxy] = []
 
-    def _start(upstream: str, *flags: str) -> Proxy:
+    def _start(upstream: str | None, *flags: str) -> Proxy:
         port, metrics_port = free_port(), free_port()
         log = tmp_path / f"proxy-{len(started)}.log"
         args = [
-            "-m", "proxy", "serve", "--upstream", upstream, "--host", "127.0.0.1",
+            "-m", "proxy", "serve", *(("--upstream", upstream) if upstream else ()), "--host", "127.0.0.1",
             "--port", str(port), "--metrics-port", str(metrics_port), "--endpoint-name", "test-endpoint",
             "--log-level", "warning", *flags,
         ]

@@ -9,7 +9,7 @@ Run as ``python tests/faulty_model.py --port N``. The request header ``X-Fault``
 - ``slow-body``: send a 200 head, then 5 chunks 100 ms apart (chunked).
 - anything else, or none: 200 with body ``ok``.
 
-``GET /stats`` answers ``{"requests": n, "hung_closed_by_peer": k}``.
+``GET /stats`` answers ``{"requests": n, "hung_closed_by_peer": k}``; ``GET /ping`` answers 200 and is not counted.
 """
 
 from __future__ import annotations
@@ -53,6 +53,10 @@ async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> 
             line, headers = request
             if line.startswith("GET /stats"):
                 writer.write(respond(json.dumps(stats).encode()))
+                await writer.drain()
+                continue
+            if line.startswith("GET /ping"):  # health checks are not requests to the model's work
+                writer.write(respond(b"{}"))
                 await writer.drain()
                 continue
             stats["requests"] += 1

@@ -12,7 +12,7 @@ import pytest
 
 from metrics.definitions import DEFAULT_MODEL_LATENCY_BUCKETS_US, DEFAULT_OVERHEAD_LATENCY_BUCKETS_US
 from proxy.cli import PROG, build_parser
-from proxy.settings import SERVE_OPTIONS, ConfigError, Settings, resolve
+from proxy.settings import SERVE_OPTIONS, ConfigError, Settings, VariantSpec, resolve
 from tests.conftest import ROOT, free_port
 
 REQUIRED_FLAGS = ["--upstream", "http://127.0.0.1:8081", "--endpoint-name", "my-endpoint"]
@@ -73,6 +73,7 @@ def test_every_flag() -> None:
     )
     assert s == Settings(
         upstream="http://127.0.0.1:8081",
+        variants=(VariantSpec("Blue-2", ("http://127.0.0.1:8081",)),),
         endpoint_name="my-endpoint",
         variant_name="Blue-2",
         host="127.0.0.1",

@@ -1,0 +1,113 @@
+"""Builds the production variants from Settings: each one's model client, live instance count and recorder."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Coroutine, Mapping
+from pathlib import Path
+from typing import Any
+
+from metrics.recorder import InvocationMetrics, InvocationRecorder
+from metrics.statistics import PeriodStatistics
+from proxy.app import Variant
+from proxy.balancer import BalancedUpstream, HealthCheck, UpstreamsInstanceCount
+from proxy.errors import REJECT_REASONS, UPSTREAM_ERROR_REASONS
+from proxy.instances import (
+    DnsInstanceCount,
+    FileInstanceCount,
+    InstanceCountSource,
+    SageMakerInstanceCount,
+    StaticInstanceCount,
+    sagemaker_client,
+)
+from proxy.settings import Settings, VariantSpec
+from proxy.upstream import HttpUpstream, UpstreamClient
+
+
+class Variants:
+    """The variants of one process, and the background work that keeps their live counts."""
+
+    def __init__(self) -> None:
+        self.variants: list[Variant] = []
+        self._clients: list[HttpUpstream | BalancedUpstream] = []
+        self._jobs: list[Callable[[], Coroutine[Any, Any, None]]] = []
+        self._tasks: list[asyncio.Task[None]] = []
+
+    def upstreams(self) -> list[UpstreamClient]:
+        return [v.upstream for v in self.variants]
+
+    def start(self) -> None:
+        self._tasks = [asyncio.create_task(job()) for job in self._jobs]
+
+    async def close(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        for client in self._clients:
+            await client.close()
+
+
+def upstream_client(settings: Settings, spec: VariantSpec) -> HttpUpstream | BalancedUpstream:
+    """One model: a plain client. Several, or a count of the healthy ones: health-checked and balanced."""
+    if len(spec.upstreams) == 1 and settings.instance_count_from != "upstreams":
+        return HttpUpstream(spec.upstreams[0])
+    check = HealthCheck(
+        path=settings.ping_path,
+        interval_s=settings.health_check_interval,
+        timeout_s=settings.health_check_timeout,
+        unhealthy_threshold=settings.unhealthy_threshold,
+        healthy_threshold=settings.healthy_threshold,
+    )
+    return BalancedUpstream(list(spec.upstreams), check)
+
+
+def _count_source(settings: Settings, spec: VariantSpec, client: HttpUpstream | BalancedUpstream) -> InstanceCountSource:
+    kind, _, arg = settings.instance_count_from.partition(":")
+    if kind == "upstreams":
+        assert isinstance(client, BalancedUpstream)
+        return UpstreamsInstanceCount(client)
+    if kind == "sagemaker":
+        return SageMakerInstanceCount(
+            settings.endpoint_name, spec.name,
+            lambda: sagemaker_client(settings.cloudwatch_region, settings.sagemaker_endpoint_url),
+            interval_s=settings.instance_count_interval,
+        )
+    if kind == "file":
+        return FileInstanceCount(Path(arg))
+    if kind == "dns":
+        return DnsInstanceCount(arg, interval_s=settings.instance_count_interval)
+    return StaticInstanceCount(settings.instance_count)
+
+
+def _live_count_to(recorder: InvocationRecorder) -> Callable[[int], None]:
+    def update(healthy: int) -> None:
+        recorder.live_instances(max(1, healthy))  # n is never below 1
+
+    return update
+
+
+def build_variants(settings: Settings, metrics: InvocationMetrics, statistics: Mapping[str, PeriodStatistics]) -> Variants:
+    out = Variants()
+    for spec in settings.variants:
+        recorder = InvocationRecorder(
+            metrics,
+            endpoint_name=settings.endpoint_name,
+            variant_name=spec.name,
+            reject_reasons=REJECT_REASONS,
+            upstream_error_reasons=UPSTREAM_ERROR_REASONS,
+            statistics=statistics.get(spec.name),
+        )
+        client = upstream_client(settings, spec)
+        source = _count_source(settings, spec, client)
+        recorder.live_instances(source.current())
+        if isinstance(client, BalancedUpstream):
+            if isinstance(source, UpstreamsInstanceCount):
+                client.on_change = _live_count_to(recorder)
+            out._jobs.append(client.run)
+        if isinstance(source, FileInstanceCount | DnsInstanceCount | SageMakerInstanceCount):
+            source.on_change = recorder.live_instances
+            source.on_error = recorder.instance_count_error
+            out._jobs.append(source.run)
+        out._clients.append(client)
+        out.variants.append(Variant(spec.name, client, recorder, source, spec.weight))
+    return out
