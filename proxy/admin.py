@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Callable, Sequence
 
 from prometheus_client import CollectorRegistry
@@ -12,8 +11,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from proxy.errors import UpstreamError
-from proxy.upstream import UpstreamClient
+from proxy.upstream import UpstreamClient, ping
 
 READY_TIMEOUT_S = 2.0  # SageMaker's ping timeout
 
@@ -34,27 +32,9 @@ def create_admin_app(
     async def healthz(request: Request) -> Response:
         return JSONResponse({"status": "ok"})
 
-    async def not_ready(upstream: UpstreamClient) -> str | None:
-        headers = [(b"host", upstream.authority)]
-        try:
-            async with asyncio.timeout(READY_TIMEOUT_S):
-                response = await upstream.request(b"GET", ping_path.encode(), headers, b"")
-                try:
-                    while await response.read():
-                        pass
-                finally:
-                    response.close()
-        except UpstreamError as e:
-            return str(e)
-        except TimeoutError:
-            return f"the model's {ping_path} took over {READY_TIMEOUT_S:g} s"
-        if response.status != 200:
-            return f"the model's {ping_path} returned {response.status}"
-        return None
-
     async def readyz(request: Request) -> Response:
         for upstream in upstreams:
-            reason = await not_ready(upstream)
+            reason = await ping(upstream, ping_path, READY_TIMEOUT_S)
             if reason is not None:
                 return JSONResponse({"status": "not ready", "reason": reason}, status_code=503)
         return JSONResponse({"status": "ready"})

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 from proxy.errors import Fault, UpstreamError
 from proxy.types import Headers
-from proxy.upstream import HttpUpstream, UpstreamResponse
+from proxy.upstream import HttpUpstream, UpstreamResponse, ping
 
 log = logging.getLogger("proxy.balancer")
 
@@ -96,25 +96,9 @@ class BalancedUpstream:
         log.warning("model instance %s is %s (%s); %d healthy", instance.upstream.url, "back" if healthy else "out", why, n)
         self.on_change(n)
 
-    async def _ping(self, instance: Instance) -> str | None:
-        """None if the instance answered its ping with 200 in time, else why not."""
-        try:
-            async with asyncio.timeout(self._check.timeout_s):
-                response = await instance.upstream.request(b"GET", self._check.path.encode(), [(b"host", instance.upstream.authority)], b"")
-                try:
-                    while await response.read():
-                        pass
-                finally:
-                    response.close()
-        except UpstreamError as e:
-            return str(e)
-        except TimeoutError:
-            return f"no answer to {self._check.path} within {self._check.timeout_s:g} s"
-        return None if response.status == 200 else f"{self._check.path} answered {response.status}"
-
     async def _watch(self, instance: Instance) -> None:
         while True:
-            why = await self._ping(instance)
+            why = await ping(instance.upstream, self._check.path, self._check.timeout_s)
             if why is None:
                 instance.failures = 0
                 instance.successes += 1

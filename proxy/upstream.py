@@ -373,3 +373,20 @@ class HttpUpstream:
         idle, self._idle = self._idle, []
         for conn in idle:
             conn.abort()
+
+
+async def ping(upstream: UpstreamClient, path: str, timeout_s: float) -> str | None:
+    """None if the model answers ``GET path`` with 200 within ``timeout_s``, else why not, in one line."""
+    try:
+        async with asyncio.timeout(timeout_s):
+            response = await upstream.request(b"GET", path.encode(), [(b"host", upstream.authority)], b"")
+            try:
+                while await response.read():
+                    pass
+            finally:
+                response.close()
+    except UpstreamError as e:
+        return str(e)
+    except TimeoutError:
+        return f"the model's {path} took over {timeout_s:g} s"
+    return None if response.status == 200 else f"the model's {path} answered {response.status}"
