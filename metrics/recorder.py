@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Literal
+from typing import Any, Literal
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from metrics import definitions as d
+from metrics import inmemory
 from metrics.statistics import PeriodStatistics
 
 # CloudWatch metric names, looked up once.
@@ -23,7 +24,11 @@ CONCURRENT = d.CONCURRENT_REQUESTS_PER_MODEL.cloudwatch_name or ""
 
 
 class InvocationMetrics:
-    """The invocation metric families of one registry, registered once; each variant records through its own labels."""
+    """The invocation metric families of one registry, registered once; each variant records through its own labels.
+
+    ``multiprocess``: prometheus-client's metrics, whose values its multiprocess mode shares between
+    workers; otherwise the lock-free families of ``metrics.inmemory``, for one process.
+    """
 
     def __init__(
         self,
@@ -31,16 +36,24 @@ class InvocationMetrics:
         *,
         model_latency_buckets: Sequence[float] = d.DEFAULT_MODEL_LATENCY_BUCKETS_US,
         overhead_latency_buckets: Sequence[float] = d.DEFAULT_OVERHEAD_LATENCY_BUCKETS_US,
+        multiprocess: bool = False,
     ) -> None:
         labels = d.VARIANT_LABELS
+        families = None if multiprocess else inmemory.Families(registry)
 
-        def counter(m: d.MetricDefinition) -> Counter:
+        def counter(m: d.MetricDefinition) -> Any:
+            if families is not None:
+                return families.counter(m.prometheus_name, m.help, labels + m.labels)
             return Counter(m.prometheus_name, m.help, labels + m.labels, registry=registry)
 
-        def histogram(m: d.MetricDefinition, buckets: Sequence[float]) -> Histogram:
+        def histogram(m: d.MetricDefinition, buckets: Sequence[float]) -> Any:
+            if families is not None:
+                return families.histogram(m.prometheus_name, m.help, labels, buckets)
             return Histogram(m.prometheus_name, m.help, labels, buckets=tuple(buckets), registry=registry)
 
-        def gauge(m: d.MetricDefinition, mode: Literal["livesum", "livemax"]) -> Gauge:
+        def gauge(m: d.MetricDefinition, mode: Literal["livesum", "livemax"]) -> Any:
+            if families is not None:
+                return families.gauge(m.prometheus_name, m.help, labels)
             return Gauge(m.prometheus_name, m.help, labels, registry=registry, multiprocess_mode=mode)
 
         self.invocations = counter(d.INVOCATIONS)
@@ -62,7 +75,7 @@ class InvocationMetrics:
 class InvocationRecorder:
     """Records invocation outcomes for one variant.
 
-    Label children are resolved once here, so recording is a handful of lock-protected additions.
+    Label children are resolved once here, so recording is a handful of additions.
     """
 
     def __init__(

@@ -115,6 +115,7 @@ def _proxy_app(settings: Settings, registry: CollectorRegistry, statistics: Mapp
         registry,
         model_latency_buckets=settings.model_latency_buckets,
         overhead_latency_buckets=settings.overhead_latency_buckets,
+        multiprocess=settings.workers > 1,
     )
     variants = build_variants(settings, metrics, statistics)
     app = ProxyApp(
