@@ -10,6 +10,7 @@ out a fake ``/proc`` and ``/sys/fs/cgroup``.
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -100,13 +101,14 @@ class CpuUsage:
     """Cumulative CPU time of the watched cgroups; ``percent()`` is their usage since the last call, summed,
     as percent of one CPU (0-100 x CPUs)."""
 
-    def __init__(self, directories: Sequence[Path], version: int, clock: Callable[[], float]) -> None:
+    def __init__(self, directories: Sequence[Path], version: int, clock: Callable[[], float], cpus: int | None = None) -> None:
         self.directories = tuple(directories)
         self._version = version
         self._clock = clock
         self._last: dict[Path, int] = {}
         self._last_time = clock()
         self._warned: set[Path] = set()
+        self._cpus = cpus  # the host's CPUs, where known: the most the watched cgroups can use
         for directory in self.directories:
             counter = self._counter(directory)
             if counter is not None:
@@ -126,14 +128,17 @@ class CpuUsage:
 
     def percent(self) -> float | None:
         """None on the first call after a counter went missing or was reset (a restarted container)."""
-        now = self._clock()
+        before = self._clock()
+        counters = {directory: self._counter(directory) for directory in self.directories}
+        # The counters were read between two clock readings: take the middle, so a thread that was
+        # descheduled while reading does not stretch the CPU time against the interval.
+        now = (before + self._clock()) / 2
         elapsed = now - self._last_time
         self._last_time = now
         used_s = 0.0
         complete = True
         scale = 1e-9 if self._version == 1 else 1e-6
-        for directory in self.directories:
-            counter = self._counter(directory)
+        for directory, counter in counters.items():
             last = self._last.pop(directory, None)
             if counter is None:
                 complete = False
@@ -150,7 +155,9 @@ class CpuUsage:
                 complete = False
         if not complete or elapsed <= 0:
             return None
-        return used_s / elapsed * 100.0
+        percent = used_s / elapsed * 100.0
+        # No cgroup can use more than every CPU of the host; more is the residue of a late reading.
+        return percent if self._cpus is None else min(percent, 100.0 * self._cpus)
 
 
 @dataclass(frozen=True)
@@ -254,6 +261,6 @@ class Cgroups:
         memory_dirs = directories(memory, "memory")
         log.debug("watching cgroup v%d CPU %s and v%d memory %s", cpu.version, cpu_dirs, memory.version, memory_dirs)
         return cls(
-            CpuUsage(cpu_dirs, cpu.version, clock),
+            CpuUsage(cpu_dirs, cpu.version, clock, cpus=os.cpu_count() if root == Path("/") else None),
             MemoryUsage(memory_dirs, memory.version, root / memory.mount.point.lstrip("/"), total),
         )
