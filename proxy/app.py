@@ -139,6 +139,7 @@ class ProxyApp:
         invocation_routes: frozenset[tuple[str, str]],
         max_payload_bytes: int,
         invocation_timeout: float,
+        max_concurrency: int = 0,
         record: bool = True,
         clock: Callable[[], int] = time.perf_counter_ns,
         random: Callable[[], float] = random.random,
@@ -154,6 +155,8 @@ class ProxyApp:
         self._routes = invocation_routes
         self._max_payload = max_payload_bytes
         self._timeout = invocation_timeout
+        self._max_concurrency = max_concurrency  # 0: no limit
+        self._in_flight = 0  # requests forwarded and not yet answered, all variants
         self._record = record
         self._clock = clock
 
@@ -195,6 +198,8 @@ class ProxyApp:
         recorder = variant.recorder
         if not upstream.ready():
             return await self._refuse(send, Fault.NO_LIVE_INSTANCE, variant=variant)
+        if self._max_concurrency and self._in_flight >= self._max_concurrency:
+            return await self._refuse(send, Fault.OVER_CAPACITY, variant=variant)
         headers[0] = (b"host", upstream.authority)
 
         invocation = self._record and (method, scope["path"]) in self._routes
@@ -215,6 +220,7 @@ class ProxyApp:
         started = False
         t_send = 0
         t_done: int | None = None  # stays None if the model call never ended (client gone, shutdown)
+        self._in_flight += 1
         try:
             # Forward.
             t_send = clock()
@@ -285,6 +291,7 @@ class ProxyApp:
                 raise UpstreamError(fault) from None
             await self._refuse(send, fault, None, _server_timing(t_done - t_send, t_send - t_in), variant)
         finally:
+            self._in_flight -= 1
             guard.stop()
             if response is not None:
                 response.close()

@@ -123,6 +123,7 @@ def _proxy_app(settings: Settings, registry: CollectorRegistry, statistics: Mapp
         invocation_routes=settings.invocation_routes,
         max_payload_bytes=settings.max_payload_bytes,
         invocation_timeout=settings.invocation_timeout,
+        max_concurrency=settings.max_concurrency,
         record=settings.record_metrics,
     )
     return app, variants

@@ -305,3 +305,26 @@ def test_request_headers_are_forwarded_without_hop_by_hop(faulty_model: Running,
     assert "x-secret" not in headers and "keep-alive" not in headers and "connection" not in headers
     assert reply.startswith(b"HTTP/1.1 200")
     assert b"keep-alive: timeout" not in reply.lower()
+
+
+def test_requests_over_the_concurrency_limit_get_503_at_once(model: Running, start_proxy: Callable[..., Proxy]) -> None:
+    import concurrent.futures
+
+    proxy = start_proxy(model.url, "--max-concurrency", "2")
+
+    def slow() -> int:
+        return invoke(proxy, {"X-Test-Delay-Ms": "500"}).status_code
+
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        busy = [pool.submit(slow) for _ in range(2)]
+        deadline = time.monotonic() + 5
+        while proxy.value("sagemaker_concurrent_requests_per_model") < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        started = time.monotonic()
+        refused = invoke(proxy)
+        assert time.monotonic() - started < 0.4  # refused at once, not queued behind the slow calls
+        assert [f.result() for f in busy] == [200, 200]
+    assert refused.status_code == 503 and refused.json() == {"error": "too many requests in flight"}
+    assert invoke(proxy).status_code == 200  # room again
+    assert proxy.value("sagemaker_invocations_total") == 3
+    assert proxy.value("sagemaker_proxy_rejected_requests_total", reason="over_capacity") == 1
