@@ -92,6 +92,28 @@ class Proxy(Running):
         return self.samples()[(name, frozenset(want.items()))]
 
 
+AWS_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
+
+
+def start_moto(port: int, log: Path) -> Running:
+    """moto's server mode: the CloudWatch and SageMaker APIs over real HTTP on loopback."""
+    return start(["-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)], port, log)
+
+
+@pytest.fixture
+def moto(tmp_path: Path) -> Iterator[Running]:
+    running = start_moto(free_port(), tmp_path / "moto.log")
+    yield running
+    running.stop()
+
+
+@pytest.fixture
+def aws_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Credentials and a region for boto3 here and in the processes the test starts."""
+    for key, value in AWS_ENV.items():
+        monkeypatch.setenv(key, value)
+
+
 @pytest.fixture(scope="session")
 def model(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Running]:
     """The example model with its test knobs switched on."""

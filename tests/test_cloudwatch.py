@@ -10,7 +10,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -21,9 +21,8 @@ import pytest
 
 from metrics.cloudwatch import CloudWatchTarget, batches, classify, datums
 from metrics.statistics import Period, PeriodStatistics, StatisticSet
-from tests.conftest import ROOT, Proxy, Running, free_port, start
+from tests.conftest import ROOT, Proxy, Running, free_port, start_moto
 
-AWS_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
 IRIS = {"instances": [[5.1, 3.5, 1.4, 0.2]]}
 
 
@@ -86,21 +85,7 @@ def test_errors_are_classified() -> None:
 # -- end to end: the real proxy, moto's server, boto3 reading back ---------------------------------
 
 
-def start_moto(port: int, log: Path) -> Running:
-    return start(["-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)], port, log)
 
-
-@pytest.fixture
-def moto(tmp_path: Path) -> Iterator[Running]:
-    running = start_moto(free_port(), tmp_path / "moto.log")
-    yield running
-    running.stop()
-
-
-@pytest.fixture
-def aws_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    for key, value in AWS_ENV.items():
-        monkeypatch.setenv(key, value)
 
 
 def statistics(endpoint_url: str, namespace: str, metric: str, variant: str = "AllTraffic") -> dict[str, float]:

@@ -138,12 +138,7 @@ def test_file_source_follows_an_orchestrator(model: Running, tmp_path: Path, sta
     assert proxy.value("sagemaker_live_instances") == 2
 
 
-def test_sagemaker_source_through_the_proxy(model: Running, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                            start_proxy: Callable[..., Proxy]) -> None:
-    for key, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}.items():
-        monkeypatch.setenv(key, value)
-    moto_port = free_port()
-    moto = start(["-m", "moto.server", "-H", "127.0.0.1", "-p", str(moto_port)], moto_port, tmp_path / "moto.log")
+def test_sagemaker_source_through_the_proxy(model: Running, moto: Running, aws_env: None, start_proxy: Callable[..., Proxy]) -> None:
     try:
         client = boto3.client("sagemaker", endpoint_url=moto.url, region_name="us-east-1")
         client.create_model(ModelName="m", ExecutionRoleArn="arn:aws:iam::123456789012:role/r", PrimaryContainer={"Image": "i"})

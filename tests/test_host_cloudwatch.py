@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -19,7 +19,7 @@ from metrics.cloudwatch import CloudWatchPublisher, CloudWatchTarget, PublisherH
 from metrics.host import HostMonitor, HostSample
 from metrics.statistics import PeriodStatistics
 from tests.conftest import Proxy, Running, free_port
-from tests.test_cloudwatch import AWS_ENV, cloudwatch_flags, start_moto
+from tests.test_cloudwatch import cloudwatch_flags
 from tests.test_monitor import HOST_GAUGES, scrape, wait_for_samples
 
 ENDPOINTS = "/aws/sagemaker/Endpoints"
@@ -28,17 +28,6 @@ VARIANT = {"EndpointName": "test-endpoint", "VariantName": "AllTraffic"}
 IRIS = {"instances": [[5.1, 3.5, 1.4, 0.2]]}
 
 
-@pytest.fixture
-def moto(tmp_path: Path) -> Iterator[Running]:
-    running = start_moto(free_port(), tmp_path / "moto.log")
-    yield running
-    running.stop()
-
-
-@pytest.fixture
-def aws_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    for key, value in AWS_ENV.items():
-        monkeypatch.setenv(key, value)
 
 
 def statistics(endpoint_url: str, namespace: str, metric: str, dimensions: dict[str, str]) -> dict[str, Any]:

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import Iterator
 from pathlib import Path
 
 import boto3
 import pytest
 
 from proxy.instances import DnsInstanceCount, FileInstanceCount, SageMakerInstanceCount, StaticInstanceCount, resolve_addresses
-from tests.conftest import Running, free_port, start
+from tests.conftest import Running
 
 
 def test_static_count_is_never_below_one() -> None:
@@ -96,19 +95,9 @@ def test_dns_source_real_lookup_of_localhost() -> None:
     assert source.current() == len(set(addresses))
 
 
-@pytest.fixture
-def sagemaker(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Running]:
-    for key, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}.items():
-        monkeypatch.setenv(key, value)
-    port = free_port()
-    running = start(["-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)], port, tmp_path / "moto.log")
-    yield running
-    running.stop()
-
-
 @pytest.mark.e2e
-def test_sagemaker_source_follows_describe_endpoint(sagemaker: Running) -> None:
-    client = boto3.client("sagemaker", endpoint_url=sagemaker.url, region_name="us-east-1")
+def test_sagemaker_source_follows_describe_endpoint(moto: Running, aws_env: None) -> None:
+    client = boto3.client("sagemaker", endpoint_url=moto.url, region_name="us-east-1")
     client.create_model(ModelName="iris", ExecutionRoleArn="arn:aws:iam::123456789012:role/r", PrimaryContainer={"Image": "iris:1"})
     client.create_endpoint_config(
         EndpointConfigName="iris-config",
