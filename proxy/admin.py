@@ -18,12 +18,13 @@ READY_TIMEOUT_S = 2.0  # SageMaker's ping timeout
 
 def create_admin_app(
     registry: Callable[[], CollectorRegistry],
-    upstreams: Sequence[UpstreamClient],
+    upstreams: Sequence[UpstreamClient] = (),
     *,
-    ping_path: str,
+    ping_path: str | None = None,
 ) -> Starlette:
     """``registry`` is called per scrape, so a multiprocess collector can be built fresh each time.
-    /readyz is ready when every variant's model answers its ping."""
+    /readyz is ready when every variant's model answers its ping; without a ``ping_path`` (the
+    ``monitor`` command has no model) there is no /readyz."""
 
     async def metrics(request: Request) -> Response:
         encoder, content_type = choose_encoder(request.headers.get("accept", ""))
@@ -33,16 +34,14 @@ def create_admin_app(
         return JSONResponse({"status": "ok"})
 
     async def readyz(request: Request) -> Response:
+        assert ping_path is not None
         for upstream in upstreams:
             reason = await ping(upstream, ping_path, READY_TIMEOUT_S)
             if reason is not None:
                 return JSONResponse({"status": "not ready", "reason": reason}, status_code=503)
         return JSONResponse({"status": "ready"})
 
-    return Starlette(
-        routes=[
-            Route("/metrics", metrics, methods=["GET"]),
-            Route("/healthz", healthz, methods=["GET"]),
-            Route("/readyz", readyz, methods=["GET"]),
-        ]
-    )
+    routes = [Route("/metrics", metrics, methods=["GET"]), Route("/healthz", healthz, methods=["GET"])]
+    if ping_path is not None:
+        routes.append(Route("/readyz", readyz, methods=["GET"]))
+    return Starlette(routes=routes)

@@ -11,12 +11,8 @@ import logging
 import socket
 
 from prometheus_client import CollectorRegistry
-from prometheus_client.exposition import choose_encoder
-from starlette.applications import Starlette
-from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
-from starlette.routing import Route
 
+from proxy.admin import create_admin_app
 from proxy.background import Background, Host, training_host
 from proxy.server import Server, bind, setup_logging, stop_on_signals, uvicorn_config
 from proxy.settings import MonitorSettings
@@ -24,21 +20,10 @@ from proxy.settings import MonitorSettings
 log = logging.getLogger("proxy")
 
 
-def create_metrics_app(registry: CollectorRegistry) -> Starlette:
-    async def metrics(request: Request) -> Response:
-        encoder, content_type = choose_encoder(request.headers.get("accept", ""))
-        return Response(encoder(registry), media_type=content_type)
-
-    async def healthz(request: Request) -> Response:
-        return JSONResponse({"status": "ok"})
-
-    return Starlette(routes=[Route("/metrics", metrics, methods=["GET"]), Route("/healthz", healthz, methods=["GET"])])
-
-
 async def monitor(settings: MonitorSettings, admin_sock: socket.socket, host: Host) -> None:
     registry = CollectorRegistry()
     background = Background(settings, registry, health_labels=host.labels, host=host)
-    server = Server(uvicorn_config(create_metrics_app(registry), settings))
+    server = Server(uvicorn_config(create_admin_app(lambda: registry), settings))
     stop_on_signals(server)
     log.info(
         "sampling %s every %g s; metrics on %s:%d/metrics", host.labels["host"], settings.sample_interval,
