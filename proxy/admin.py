@@ -11,7 +11,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from proxy.upstream import UpstreamClient, ping
+from proxy.http.client import UpstreamClient, ping
 
 READY_TIMEOUT_S = 2.0  # SageMaker's ping timeout
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import bisect
 import itertools
-import json
 import logging
 import random
 import time
@@ -24,10 +23,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from metrics.recorder import InvocationRecorder
-from proxy.errors import Fault, UpstreamError
+from proxy.errors import Fault, UpstreamError, error_body
+from proxy.http.client import UpstreamClient, UpstreamResponse
 from proxy.instances import InstanceCountSource
-from proxy.types import Headers, Message, Receive, Scope, Send
-from proxy.upstream import UpstreamClient, UpstreamResponse
+from proxy.types import DISCONNECT_EXTENSION, FAULT_KEY, Headers, Message, Receive, Scope, Send
 
 log = logging.getLogger("proxy")
 
@@ -44,8 +43,9 @@ RESPONSE_DROP = frozenset({
     b"proxy-authenticate", b"x-amzn-invoked-production-variant",
 })
 VARIANT_HEADER = b"x-amzn-invoked-production-variant"
-# A scope extension: a list the app appends callbacks to, called by the server when the client disconnects.
-DISCONNECT_EXTENSION = "sagemaker_metrics_proxy.disconnect"
+# Refusals after which the connection cannot be trusted to be at a request boundary: an oversized
+# upload or a tunnel is not drained, and a broken or stalled body has no end to find.
+CLOSE_AFTER = frozenset({Fault.PAYLOAD_TOO_LARGE, Fault.METHOD_NOT_ALLOWED, Fault.BODY_TIMEOUT, Fault.MALFORMED_REQUEST})
 
 
 def _dropped(headers: Headers, always: frozenset[bytes]) -> frozenset[bytes]:
@@ -354,7 +354,7 @@ class ProxyApp:
         """The whole request body, bounded by the max payload: a slow uploader costs overhead, not model time."""
         message: Message = await receive()
         if message["type"] == "http.disconnect":
-            return Fault.CLIENT_DISCONNECT_EARLY
+            return message.get(FAULT_KEY, Fault.CLIENT_DISCONNECT_EARLY)
         body: bytes = message.get("body", b"")
         if not message.get("more_body", False):
             return body if len(body) <= self._max_payload else Fault.PAYLOAD_TOO_LARGE
@@ -363,7 +363,7 @@ class ProxyApp:
         while message.get("more_body", False):
             message = await receive()
             if message["type"] == "http.disconnect":
-                return Fault.CLIENT_DISCONNECT_EARLY
+                return message.get(FAULT_KEY, Fault.CLIENT_DISCONNECT_EARLY)
             chunk = message.get("body", b"")
             size += len(chunk)
             if size > self._max_payload:
@@ -382,10 +382,10 @@ class ProxyApp:
             variant.recorder.rejected(fault.reason)
         if fault.status is None:
             return
-        body = json.dumps({"error": message or fault.message}).encode()
+        body = error_body(message or fault.message)
         headers: Headers = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(body))]
-        if fault is Fault.PAYLOAD_TOO_LARGE or fault is Fault.METHOD_NOT_ALLOWED:
-            headers.append((b"connection", b"close"))  # do not drain an oversized upload or a tunnel
+        if fault in CLOSE_AFTER:
+            headers.append((b"connection", b"close"))
         if fault is Fault.METHOD_NOT_ALLOWED:
             headers.append((b"allow", b"GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS"))
         if server_timing is not None:

@@ -14,8 +14,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from proxy.errors import Fault, UpstreamError
+from proxy.http.client import HttpUpstream, UpstreamResponse, ping
 from proxy.types import Headers
-from proxy.upstream import HttpUpstream, UpstreamResponse, ping
 
 log = logging.getLogger("proxy.balancer")
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import json
 
 
 class Fault(enum.Enum):
@@ -21,6 +22,12 @@ class Fault(enum.Enum):
     CLIENT_DISCONNECT_EARLY = ("client_disconnect", None, False, "client disconnected before the request was forwarded")
     NO_LIVE_INSTANCE = ("no_live_instance", 503, False, "no live model instance")
     OVER_CAPACITY = ("over_capacity", 503, False, "too many requests in flight")
+    # Refused by the front door (proxy/http/server.py) before the app sees a request.
+    HEAD_TIMEOUT = ("head_timeout", 408, False, "the request head did not arrive in time")
+    BODY_TIMEOUT = ("body_timeout", 408, False, "the request body stopped arriving")
+    HEAD_TOO_LARGE = ("head_too_large", 431, False, "request head too large")
+    UPGRADE_REFUSED = ("upgrade_refused", 400, False, "protocol upgrades (WebSocket) are not supported through this proxy")
+    TOO_MANY_CONNECTIONS = ("too_many_connections", None, False, "too many open connections")
 
     # The model was called and the call failed: an invocation and a model error.
     UPSTREAM_CONNECT = ("connect_failed", 502, True, "could not connect to the model")
@@ -42,6 +49,11 @@ class Fault(enum.Enum):
 
 REJECT_REASONS = tuple(sorted({f.reason for f in Fault if not f.invocation}))
 UPSTREAM_ERROR_REASONS = tuple(f.reason for f in Fault if f.invocation and f.status is not None)
+
+
+def error_body(message: str) -> bytes:
+    """The short JSON error every refusal carries."""
+    return json.dumps({"error": message}).encode()
 
 
 class UpstreamError(Exception):

@@ -14,7 +14,7 @@ from prometheus_client import CollectorRegistry
 
 from proxy.admin import create_admin_app
 from proxy.background import Background, Host, training_host
-from proxy.server import Server, bind, setup_logging, stop_on_signals, uvicorn_config
+from proxy.server import bind, listener, setup_logging, stop_on_signals
 from proxy.settings import MonitorSettings
 
 log = logging.getLogger("proxy")
@@ -23,7 +23,7 @@ log = logging.getLogger("proxy")
 async def monitor(settings: MonitorSettings, admin_sock: socket.socket, host: Host) -> None:
     registry = CollectorRegistry()
     background = Background(settings, registry, health_labels=host.labels, host=host)
-    server = Server(uvicorn_config(create_admin_app(lambda: registry), settings))
+    server = listener(create_admin_app(lambda: registry), settings)
     stop_on_signals(server)
     log.info(
         "sampling %s every %g s; metrics on %s:%d/metrics", host.labels["host"], settings.sample_interval,
@@ -31,7 +31,7 @@ async def monitor(settings: MonitorSettings, admin_sock: socket.socket, host: Ho
     )
     background.start()
     try:
-        await server.serve([admin_sock])
+        await server.serve(admin_sock)
     finally:
         await background.stop()
 

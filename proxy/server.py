@@ -13,6 +13,7 @@ import socket
 import tempfile
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from multiprocessing.process import BaseProcess
+from typing import Protocol
 
 import uvicorn
 from prometheus_client import CollectorRegistry
@@ -24,22 +25,23 @@ from metrics import definitions as d
 from metrics.recorder import InvocationMetrics
 from metrics.statistics import PeriodStatistics
 from proxy.admin import create_admin_app
-from proxy.app import DISCONNECT_EXTENSION, ProxyApp
+from proxy.app import ProxyApp
 from proxy.background import Background, Host, Stream, endpoint_host
+from proxy.errors import Fault
+from proxy.http.server import HttpServer, Limits
 from proxy.settings import ConfigError, MonitorSettings, Settings
+from proxy.types import DISCONNECT_EXTENSION, ASGIApp
 from proxy.variants import Variants, build_variants, upstream_client
 
 log = logging.getLogger("proxy")
-# Longer than the 60 s idle timeout of common load balancers, so they never reuse a connection we closed.
-KEEP_ALIVE_S = 75
 
 
-class Server(uvicorn.Server):
-    """A uvicorn server that leaves signals to us: two servers share one loop and stop together."""
+class Listener(Protocol):
+    """A server on one listening socket: ``serve`` returns once ``stop`` was called and it has drained."""
 
-    @contextlib.contextmanager
-    def capture_signals(self) -> Iterator[None]:
-        yield
+    async def serve(self, sock: socket.socket) -> None: ...
+
+    def stop(self) -> None: ...
 
 
 class _HttpProtocol(HttpToolsProtocol):
@@ -69,6 +71,56 @@ class _HttpProtocol(HttpToolsProtocol):
                 callback()
 
 
+class _Uvicorn(uvicorn.Server):
+    """A uvicorn server that leaves signals to us: servers in one loop stop in an order of ours."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
+class UvicornListener:
+    """uvicorn, the reference server, kept as a fallback (``--http-server uvicorn``)."""
+
+    def __init__(self, app: ASGIApp, settings: Settings | MonitorSettings) -> None:
+        keep_alive = settings.keep_alive_timeout if isinstance(settings, Settings) else Limits().keep_alive_timeout
+        self._server = _Uvicorn(uvicorn.Config(
+            app,
+            http=_HttpProtocol,
+            lifespan="off",
+            access_log=False,
+            server_header=False,
+            date_header=False,
+            log_config=None,
+            log_level=settings.log_level,
+            timeout_keep_alive=int(keep_alive) or 1,
+            proxy_headers=False,  # the peer address is the client's; we add X-Forwarded-For ourselves
+        ))
+
+    async def serve(self, sock: socket.socket) -> None:
+        await self._server.serve([sock])
+
+    def stop(self) -> None:
+        self._server.should_exit = True
+
+
+def listener(app: ASGIApp, settings: Settings | MonitorSettings, on_refused: Callable[[Fault], None] | None = None) -> Listener:
+    """The server for one port: the built-in front door, or uvicorn where ``--http-server uvicorn`` asks for it."""
+    if not isinstance(settings, Settings):
+        return HttpServer(app)
+    if settings.http_server == "uvicorn":
+        return UvicornListener(app, settings)
+    limits = Limits(
+        head_timeout=settings.request_head_timeout,
+        keep_alive_timeout=settings.keep_alive_timeout,
+        body_timeout=settings.request_body_timeout,
+        max_head_bytes=settings.max_request_head_bytes,
+        max_headers=settings.max_request_headers,
+        max_connections=settings.max_connections,
+    )
+    return HttpServer(app, limits, on_refused=on_refused)
+
+
 def bind(host: str, port: int) -> socket.socket:
     """Bind before serving, so a taken port is a configuration error (exit 2), not a crash."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
@@ -81,21 +133,6 @@ def bind(host: str, port: int) -> socket.socket:
         raise ConfigError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
     sock.set_inheritable(True)
     return sock
-
-
-def uvicorn_config(app: object, settings: Settings | MonitorSettings) -> uvicorn.Config:
-    return uvicorn.Config(
-        app,  # type: ignore[arg-type]
-        http=_HttpProtocol,
-        lifespan="off",
-        access_log=False,
-        server_header=False,
-        date_header=False,
-        log_config=None,
-        log_level=settings.log_level,
-        timeout_keep_alive=KEEP_ALIVE_S,
-        proxy_headers=False,  # the peer address is the client's; we add X-Forwarded-For ourselves
-    )
 
 
 def _background(settings: Settings, registry: CollectorRegistry, *, invocations: bool, host: Host | None) -> Background:
@@ -129,10 +166,10 @@ def _proxy_app(settings: Settings, registry: CollectorRegistry, statistics: Mapp
     return app, variants
 
 
-def stop_on_signals(*servers: uvicorn.Server) -> None:
+def stop_on_signals(*servers: Listener) -> None:
     def stop() -> None:
         for server in servers:
-            server.should_exit = True
+            server.stop()
 
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -145,18 +182,27 @@ async def serve(settings: Settings, proxy_sock: socket.socket, admin_sock: socke
     background = _background(settings, registry, invocations=True, host=host)
     app, variants = _proxy_app(settings, registry, background.statistics)
     admin = create_admin_app(lambda: registry, variants.upstreams(), ping_path=settings.ping_path)
-    proxy_server = Server(uvicorn_config(app, settings))
-    admin_server = Server(uvicorn_config(admin, settings))
-    stop_on_signals(proxy_server, admin_server)
+    proxy_server = listener(app, settings, on_refused=_count_refusals(variants))
+    admin_server = listener(admin, settings)
+    # On SIGTERM the proxy port drains first; the admin port answers until the last invocation is recorded.
+    stop_on_signals(proxy_server)
     _log_start(settings)
     background.start()
     variants.start()
+    admin_task = asyncio.create_task(admin_server.serve(admin_sock))
     try:
-        await asyncio.gather(proxy_server.serve([proxy_sock]), admin_server.serve([admin_sock]))
+        await proxy_server.serve(proxy_sock)
     finally:
-        proxy_server.should_exit = admin_server.should_exit = True
+        admin_server.stop()
+        await admin_task
         await background.stop()
         await variants.close()
+
+
+def _count_refusals(variants: Variants) -> Callable[[Fault], None]:
+    """What the front door refuses before a variant is chosen counts on the first variant, as the app's refusals do."""
+    recorder = variants.variants[0].recorder
+    return lambda fault: recorder.rejected(fault.reason)
 
 
 def _log_start(settings: Settings) -> None:
@@ -185,12 +231,12 @@ async def _serve_worker(settings: Settings, proxy_sock: socket.socket) -> None:
     registry = CollectorRegistry()
     background = _background(settings, registry, invocations=True, host=None)  # the supervisor samples the host
     app, variants = _proxy_app(settings, registry, background.statistics)
-    server = Server(uvicorn_config(app, settings))
+    server = listener(app, settings, on_refused=_count_refusals(variants))
     stop_on_signals(server)
     background.start()
     variants.start()
     try:
-        await server.serve([proxy_sock])
+        await server.serve(proxy_sock)
     finally:
         await background.stop()
         await variants.close()
@@ -250,23 +296,31 @@ async def _supervise(
     workers = [start_worker() for _ in range(settings.workers)]
     # The supervisor answers /readyz with clients of its own; the workers do the balancing.
     clients = [upstream_client(settings, spec) for spec in settings.variants]
-    admin_server = Server(uvicorn_config(create_admin_app(collect, clients, ping_path=settings.ping_path), settings))
-    stop_on_signals(admin_server)
+    admin_server = listener(create_admin_app(collect, clients, ping_path=settings.ping_path), settings)
+    stopping = asyncio.Event()
+
+    def stop() -> None:
+        stopping.set()
+        admin_server.stop()
+
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop)
     _log_start(settings)
     background.start()
 
     async def restart_dead_workers() -> None:
-        while not admin_server.should_exit:
+        while not stopping.is_set():
             await asyncio.sleep(0.5)
             for i, worker in enumerate(workers):
-                if not worker.is_alive() and not admin_server.should_exit:
+                if not worker.is_alive() and not stopping.is_set():
                     log.warning("worker %s exited with %s; starting another", worker.pid, worker.exitcode)
                     multiprocess.mark_process_dead(worker.pid, multiproc_dir)
                     workers[i] = start_worker()
 
     supervisor = asyncio.create_task(restart_dead_workers())
     try:
-        await admin_server.serve([admin_sock])
+        await admin_server.serve(admin_sock)
     finally:
         supervisor.cancel()
         for worker in workers:

@@ -22,6 +22,7 @@ ENV_PREFIX = "SAGEMAKER_PROXY_"
 # SageMaker's own rule for endpoint and variant names.
 NAME_PATTERN = re.compile(r"^[a-zA-Z0-9](-*[a-zA-Z0-9]){0,62}$")
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
+HTTP_SERVERS = ("builtin", "uvicorn")
 METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
 INSTANCE_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,254}$")
 # Where SageMaker describes a training job's hosts to each of its containers.
@@ -80,6 +81,13 @@ class Settings:
     unhealthy_threshold: int = 2
     healthy_threshold: int = 1
     sagemaker_endpoint_url: str | None = None
+    http_server: str = "builtin"  # the proxy port's server: builtin (proxy/http/server.py) or uvicorn
+    request_head_timeout: float = 10.0
+    keep_alive_timeout: float = 75.0
+    request_body_timeout: float = 60.0
+    max_request_head_bytes: int = 64 * 1024
+    max_request_headers: int = 100
+    max_connections: int = 10_000
     # Benchmark-only: forward without recording metrics, to measure what recording costs.
     record_metrics: bool = field(default=True)
 
@@ -206,6 +214,12 @@ def _http_url(raw: str) -> str:
     return raw
 
 
+def _http_server(raw: str) -> str:
+    if raw not in HTTP_SERVERS:
+        raise ValueError(f"must be one of {', '.join(HTTP_SERVERS)}, got {raw!r}")
+    return raw
+
+
 def _log_level(raw: str) -> str:
     if raw.lower() not in LOG_LEVELS:
         raise ValueError(f"must be one of {', '.join(LOG_LEVELS)}, got {raw!r}")
@@ -293,6 +307,13 @@ SERVE_OPTIONS: tuple[Option, ...] = (
     Option("--unhealthy-threshold", _int_between(1, 100), "failed pings that take an instance out", "2"),
     Option("--healthy-threshold", _int_between(1, 100), "good pings that bring it back", "1"),
     Option("--sagemaker-endpoint-url", _http_url, "SageMaker API endpoint for --instance-count-from sagemaker, for compatible services and tests"),
+    Option("--http-server", _http_server, "the proxy port's HTTP/1.1 server: builtin (bounded, faster) or uvicorn (the reference); the limits below are the builtin server's, but for --keep-alive-timeout", "builtin"),
+    Option("--request-head-timeout", _positive_float, "seconds for a request head to arrive, from its first byte (for a new connection, from accept); then 408, or a silent close if nothing came", "10"),
+    Option("--keep-alive-timeout", _positive_float, "seconds an idle keep-alive connection stays open between requests", "75"),
+    Option("--request-body-timeout", _positive_float, "seconds a request body may go without progress; then 408", "60"),
+    Option("--max-request-head-bytes", _int_between(1024, 1 << 24), "largest request line and headers together; larger heads get 431", str(64 * 1024)),
+    Option("--max-request-headers", _int_between(1, 10_000), "most request headers; more get 431", "100"),
+    Option("--max-connections", _int_between(1, 1_000_000), "open client connections per process; new ones past it are closed at once", "10000"),
     Option("--workers", _int_between(1, 64), "worker processes sharing the proxy port; metrics are merged into one set", "1"),
     Option("--cloudwatch", _bool, "publish the metrics to CloudWatch with PutMetricData", "false", switch=True),
     Option("--cloudwatch-namespace", _namespace, "CloudWatch namespace for the invocation metrics; not AWS/...", "SageMakerProxy"),
@@ -447,6 +468,13 @@ def resolve(args: argparse.Namespace, environ: Mapping[str, str], options: Seque
         watch_cgroups=tuple(values.get("watch_cgroup", ())),
         model_dir=values["model_dir"],
         instance_id=values.get("instance_id"),
+        http_server=values["http_server"],
+        request_head_timeout=values["request_head_timeout"],
+        keep_alive_timeout=values["keep_alive_timeout"],
+        request_body_timeout=values["request_body_timeout"],
+        max_request_head_bytes=values["max_request_head_bytes"],
+        max_request_headers=values["max_request_headers"],
+        max_connections=values["max_connections"],
         record_metrics=getattr(args, "record_metrics", True),
     )
 

@@ -12,6 +12,7 @@ from metrics.statistics import PeriodStatistics
 from proxy.app import Variant
 from proxy.balancer import BalancedUpstream, HealthCheck, UpstreamsInstanceCount
 from proxy.errors import REJECT_REASONS, UPSTREAM_ERROR_REASONS
+from proxy.http.client import HttpUpstream, UpstreamClient
 from proxy.instances import (
     DnsInstanceCount,
     FileInstanceCount,
@@ -21,7 +22,6 @@ from proxy.instances import (
     sagemaker_client,
 )
 from proxy.settings import Settings, VariantSpec
-from proxy.upstream import HttpUpstream, UpstreamClient
 
 
 class Variants:

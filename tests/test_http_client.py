@@ -18,7 +18,7 @@ import pytest
 import uvloop
 
 from proxy.errors import Fault, UpstreamError
-from proxy.upstream import HttpUpstream, UpstreamResponse
+from proxy.http.client import HttpUpstream, UpstreamResponse
 from tests.conftest import free_port
 
 Run = Callable[[Coroutine[Any, Any, None]], None]
