@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test bench bench-quick clean
+.PHONY: demo test bench bench-quick soak clean
 
 demo: $(VENV)/.installed
 	$(BIN)/sagemaker-metrics-proxy demo
@@ -18,6 +18,10 @@ bench: $(VENV)/.bench
 
 bench-quick: $(VENV)/.bench
 	$(BIN)/python -m benchmarks.run --quick
+
+# One proxy process under wrk until 1,000,000 requests past warm-up (1-3 minutes on 2 cores); SOAK_ARGS="--requests 50000" for less.
+soak: $(VENV)/.bench
+	$(BIN)/python -m benchmarks.soak $(SOAK_ARGS)
 
 $(VENV)/.bench: $(VENV)/.installed
 	$(BIN)/pip install -q -e '.[test,bench]'

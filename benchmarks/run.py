@@ -2,9 +2,11 @@
 
     python -m benchmarks.run [--quick] [--out benchmarks/results]
 
-Every scenario drives each target with wrk, interleaved (direct, nginx, proxy, ...) for several
-rounds, and reports medians as ratios: the machine is shared and noisy, so only numbers taken
-side by side in one run are compared. Writes results.json, results.md and results.png.
+Every scenario drives each target with wrk, interleaved (direct, nginx, proxy, proxy-uvicorn, ...)
+for several rounds, and reports medians as ratios: the machine is shared and noisy, so only numbers
+taken side by side in one run are compared. "proxy" is the proxy as shipped (its default HTTP
+server, the built-in one); "proxy-uvicorn" is the same proxy with --http-server uvicorn, the
+reference it replaces. Writes results.json, results.md and results.png.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import IO
 
 import psutil
 from prometheus_client.parser import text_string_to_metric_families
@@ -66,8 +69,19 @@ SCENARIOS = (
     Scenario("1 MiB request body, 16 connections", 16, "body1mib", "large payloads"),
     Scenario("streamed response (10 chunks), 16 connections", 16, "stream", "streaming"),
 )
+# The proxy targets and their serve flags. "proxy" is the default (built-in) HTTP server.
+PROXY_TARGETS: dict[str, tuple[str, ...]] = {
+    "proxy": (),
+    "proxy-uvicorn": ("--http-server", "uvicorn"),
+    "proxy-no-metrics": ("--no-record-metrics",),
+    "proxy-2-workers": ("--workers", "2"),
+}
+# Targets in every scenario.
+MAIN_TARGETS = ("direct", "nginx", "proxy", "proxy-uvicorn")
 # Extra targets run only where they answer a question: what recording costs, what a second worker gives.
 EXTRA_TARGETS = {"trivial, 16 connections": ("proxy-no-metrics", "proxy-2-workers"), "trivial, 64 connections": ("proxy-2-workers",)}
+# The goal for the built-in server: at most this much of uvicorn's CPU per request in this scenario.
+CPU_GOAL = ("trivial, 16 connections", 0.7)
 
 
 @dataclass
@@ -83,6 +97,8 @@ class Run:
     cpu_s: float | None = None
     model_mean_us: float | None = None  # the proxy's own ModelLatency mean over this run
     overhead_mean_us: float | None = None
+    non_2xx: int = 0  # errors, split: "Non-2xx or 3xx responses" ...
+    socket_errors: int = 0  # ... and connect + read + write + timeout
 
 
 @dataclass
@@ -116,17 +132,34 @@ def wait_for(port: int, proc: subprocess.Popen[bytes] | None = None, timeout: fl
 
 
 @contextmanager
-def process(args: list[str], port: int) -> Iterator[subprocess.Popen[bytes]]:
-    proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        wait_for(port, proc)
-        yield proc
-    finally:
-        proc.terminate()
+def process(args: list[str], port: int, log: IO[bytes] | None = None) -> Iterator[subprocess.Popen[bytes]]:
+    """Start ``args`` and wait until ``port`` listens; stderr goes to ``log`` (a temporary file if none),
+    whose tail is shown if the process exits before listening."""
+    with ExitStack() as stack:
+        if log is None:
+            log = stack.enter_context(tempfile.TemporaryFile())
+        proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=log)
         try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+            try:
+                wait_for(port, proc)
+            except SystemExit as e:
+                raise SystemExit(f"{e}\n  command: {' '.join(args)}\n  stderr: {tail(log)}") from None
+            yield proc
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+def tail(log: IO[bytes], limit: int = 2000) -> str:
+    """The last ``limit`` bytes written to ``log``, as text."""
+    log.flush()
+    size = log.seek(0, os.SEEK_END)
+    log.seek(max(0, size - limit))
+    return log.read().decode(errors="replace").strip() or "(empty)"
 
 
 NGINX_CONF = """
@@ -187,11 +220,13 @@ def parse_wrk(out: str) -> Run:
     total = re.search(r"^\s+(\d+) requests in", out, re.M)
     if not (latency and p50 and p99 and rps and total):
         raise RuntimeError(f"unexpected wrk output:\n{out}")
-    errors = sum(int(n) for n in re.findall(r"Non-2xx or 3xx responses: (\d+)", out))
-    socket_errors = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
-    if socket_errors:
-        errors += sum(int(n) for n in socket_errors.groups())
-    return Run(float(rps.group(1)), int(total.group(1)), errors, _us(latency.group(1)), _us(p50.group(1)), _us(p99.group(1)))
+    non_2xx = sum(int(n) for n in re.findall(r"Non-2xx or 3xx responses: (\d+)", out))
+    socket_match = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
+    socket_errors = sum(int(n) for n in socket_match.groups()) if socket_match else 0
+    return Run(
+        float(rps.group(1)), int(total.group(1)), non_2xx + socket_errors, _us(latency.group(1)), _us(p50.group(1)), _us(p99.group(1)),
+        non_2xx=non_2xx, socket_errors=socket_errors,
+    )
 
 
 def wrk(url: str, connections: int, seconds: float, script: Path) -> Run:
@@ -226,11 +261,20 @@ def peak_rss_mb(pid: int) -> float:
     return total / 2**20
 
 
-def latency_sums(metrics_port: int) -> tuple[float, float, float]:
-    """(count, ModelLatency sum, OverheadLatency sum) from the proxy's /metrics."""
+def scrape(metrics_port: int) -> dict[str, float]:
+    """The proxy's /metrics: each sample name with its values summed over label sets."""
     with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10) as response:
         text = response.read().decode()
-    values = {s.name: s.value for f in text_string_to_metric_families(text) for s in f.samples}
+    values: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            values[sample.name] = values.get(sample.name, 0.0) + sample.value
+    return values
+
+
+def latency_sums(metrics_port: int) -> tuple[float, float, float]:
+    """(count, ModelLatency sum, OverheadLatency sum) from the proxy's /metrics."""
+    values = scrape(metrics_port)
     return (
         values.get("sagemaker_model_latency_microseconds_count", 0.0),
         values.get("sagemaker_model_latency_microseconds_sum", 0.0),
@@ -246,11 +290,22 @@ class Target:
     metrics_port: int | None = None
 
 
-def proxy_args(model_port: int, port: int, metrics_port: int, *extra: str) -> list[str]:
+def model_args(port: int, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "example_model", "--host", "127.0.0.1", "--port", str(port), *extra]
+
+
+def proxy_args(model_port: int, port: int, metrics_port: int, *extra: str, endpoint_name: str = "benchmark",
+               log_level: str = "error") -> list[str]:
     return [
         sys.executable, "-m", "proxy", "serve", "--upstream", f"http://127.0.0.1:{model_port}", "--host", "127.0.0.1",
-        "--port", str(port), "--metrics-port", str(metrics_port), "--endpoint-name", "benchmark", "--log-level", "error", *extra,
+        "--port", str(port), "--metrics-port", str(metrics_port), "--endpoint-name", endpoint_name, "--log-level", log_level, *extra,
     ]
+
+
+def serve_has_option(option: str) -> bool:
+    """Whether ``python -m proxy serve`` knows ``option`` (as its --help lists it)."""
+    out = subprocess.run([sys.executable, "-m", "proxy", "serve", "--help"], cwd=ROOT, capture_output=True, text=True).stdout
+    return re.search(rf"(^|\s|\[){re.escape(option)}\b", out) is not None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -261,6 +316,8 @@ def main(argv: list[str] | None = None) -> int:
     for tool in ("wrk", "nginx"):
         if not (shutil.which(tool) or Path(f"/usr/sbin/{tool}").exists()):
             parser.exit(2, f"benchmark: {tool} is not installed (Debian: apt-get install {tool})\n")
+    if not serve_has_option("--http-server"):
+        parser.exit(2, "benchmark: this proxy has no --http-server option, needed for the proxy-uvicorn target\n")
     seconds, rounds = (2.0, 1) if args.quick else (5.0, 3)
     args.out.mkdir(parents=True, exist_ok=True)
 
@@ -271,14 +328,12 @@ def main(argv: list[str] | None = None) -> int:
             scripts[key] = workdir / f"{key}.lua"
             scripts[key].write_text(lua + "\n")
         model_port = free_port()
-        model = stack.enter_context(process(
-            [sys.executable, "-m", "example_model", "--host", "127.0.0.1", "--port", str(model_port), "--test-knobs"], model_port
-        ))
+        model = stack.enter_context(process(model_args(model_port, "--test-knobs"), model_port))
         targets = {"direct": Target("direct", model_port, model.pid)}
         nginx_port = free_port()
         ngx = stack.enter_context(nginx(model_port, nginx_port, workdir))
         targets["nginx"] = Target("nginx", nginx_port, ngx.pid)
-        for name, extra in (("proxy", ()), ("proxy-no-metrics", ("--no-record-metrics",)), ("proxy-2-workers", ("--workers", "2"))):
+        for name, extra in PROXY_TARGETS.items():
             port, metrics_port = free_port(), free_port()
             proc = stack.enter_context(process(proxy_args(model_port, port, metrics_port, *extra), metrics_port))
             wait_for(port, proc)
@@ -286,7 +341,7 @@ def main(argv: list[str] | None = None) -> int:
 
         plan: list[tuple[Scenario, int, str]] = []
         for scenario in SCENARIOS:
-            names = ["direct", "nginx", "proxy", *EXTRA_TARGETS.get(scenario.name, ())]
+            names = [*MAIN_TARGETS, *EXTRA_TARGETS.get(scenario.name, ())]
             for round_ in range(rounds):
                 # Rotate the order each round so no target always runs first (or hot).
                 order = names[round_ % len(names):] + names[: round_ % len(names)]
@@ -351,7 +406,9 @@ def build_report(results: dict[tuple[str, str], Result], rss: dict[str, float], 
     for scenario in SCENARIOS:
         direct = results[(scenario.name, "direct")]
         row: dict[str, object] = {"scenario": scenario.name, "connections": scenario.connections, "what": scenario.what}
-        for name in ("direct", "nginx", "proxy", "proxy-no-metrics", "proxy-2-workers"):
+        entries: dict[str, dict[str, object]] = {}
+        cpu_per_1000: dict[str, float | None] = {}
+        for name in ("direct", "nginx", *PROXY_TARGETS):
             result = results.get((scenario.name, name))
             if result is None:
                 continue
@@ -362,6 +419,8 @@ def build_report(results: dict[tuple[str, str], Result], rss: dict[str, float], 
                 "p99_us": result.median("p99_us"),
                 "mean_us": result.median("mean_us"),
                 "errors": sum(r.errors for r in result.runs),
+                "non_2xx": sum(r.non_2xx for r in result.runs),
+                "socket_errors": sum(r.socket_errors for r in result.runs),
                 "runs": [asdict(r) for r in result.runs],
             }
             if name != "direct":
@@ -369,16 +428,41 @@ def build_report(results: dict[tuple[str, str], Result], rss: dict[str, float], 
                 entry["added_p50_us"] = (result.median("p50_us") or 0) - (direct.median("p50_us") or 0)
                 entry["added_p99_us"] = (result.median("p99_us") or 0) - (direct.median("p99_us") or 0)
                 cpu = [r.cpu_s / r.requests * 1000 for r in result.runs if r.cpu_s is not None and r.requests]
-                entry["cpu_s_per_1000"] = statistics.median(cpu) if cpu else None
+                entry["cpu_s_per_1000"] = cpu_per_1000[name] = statistics.median(cpu) if cpu else None
             if name.startswith("proxy"):
                 nginx_result = results[(scenario.name, "nginx")]
                 entry["throughput_vs_nginx"] = rps / (nginx_result.median("rps") or 1.0)
                 entry["model_latency_mean_us"] = result.median("model_mean_us")
                 entry["overhead_latency_mean_us"] = result.median("overhead_mean_us")
-            row[name] = entry
+            entries[name] = row[name] = entry
+        if "proxy" in entries and "proxy-uvicorn" in entries:
+            # The built-in server against uvicorn, the same proxy otherwise: throughput, and CPU per request.
+            uvicorn_rps = results[(scenario.name, "proxy-uvicorn")].median("rps")
+            entries["proxy"]["throughput_vs_uvicorn"] = _ratio(results[(scenario.name, "proxy")].median("rps"), uvicorn_rps)
+            entries["proxy"]["cpu_vs_uvicorn"] = _ratio(cpu_per_1000.get("proxy"), cpu_per_1000.get("proxy-uvicorn"))
         rows.append(row)
+    goal_scenario, goal_max = CPU_GOAL
+    goal_row = next(r for r in rows if r["scenario"] == goal_scenario)
+    goal_proxy = goal_row["proxy"]
+    assert isinstance(goal_proxy, dict)
+    goal_value = goal_proxy.get("cpu_vs_uvicorn")
+    cpu_goal = {
+        "scenario": goal_scenario,
+        "measure": "proxy CPU s per 1k requests / proxy-uvicorn CPU s per 1k requests",
+        "max": goal_max,
+        "value": goal_value,
+        "met": isinstance(goal_value, float) and goal_value <= goal_max,
+    }
     machine = f"{os.cpu_count()} CPUs, {psutil.virtual_memory().total / 2**30:.0f} GiB, {platform_line()}"
-    return {"machine": machine, "seconds_per_run": seconds, "rounds": rounds, "scenarios": rows, "peak_rss_mb": rss, "memory_soak": soak}
+    return {
+        "machine": machine, "seconds_per_run": seconds, "rounds": rounds,
+        "targets": {"direct": "the example model", "nginx": "nginx, one worker", **{k: " ".join(("serve", *v)) for k, v in PROXY_TARGETS.items()}},
+        "scenarios": rows, "cpu_goal": cpu_goal, "peak_rss_mb": rss, "memory_soak": soak,
+    }
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return a / b if a is not None and b else None
 
 
 def platform_line() -> str:
@@ -399,40 +483,74 @@ def render_markdown(report: dict[str, object]) -> str:
     rows = report["scenarios"]
     assert isinstance(rows, list)
     lines = [
-        f"Machine: {report['machine']}. wrk, {report['rounds']} round(s) of {report['seconds_per_run']:g} s per target, interleaved; medians.",
+        f"Machine: {report['machine']}. wrk, {report['rounds']} round(s) of {report['seconds_per_run']:g} s per target, interleaved; medians."
+        " proxy: the default (built-in) HTTP server; proxy-uvicorn: --http-server uvicorn.",
         "",
-        "| scenario | direct req/s | nginx req/s | proxy req/s | proxy / direct | proxy / nginx | added p50 us (nginx / proxy) | added p99 us (nginx / proxy) | CPU s per 1k req (nginx / proxy) |",
+        "Throughput:",
+        "",
+        "| scenario | direct req/s | nginx req/s | proxy req/s | proxy-uvicorn req/s | proxy / direct | proxy / nginx | proxy-uvicorn / nginx | proxy / proxy-uvicorn |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for row in rows:
-        d, n, p = row["direct"], row["nginx"], row["proxy"]
+        d, n, p, u = row["direct"], row["nginx"], row["proxy"], row["proxy-uvicorn"]
         lines.append(
-            f"| {row['scenario']} | {d['rps']:,.0f} | {n['rps']:,.0f} | {p['rps']:,.0f} | {p['throughput_vs_direct']:.2f} | "
-            f"{p['throughput_vs_nginx']:.2f} | {n['added_p50_us']:,.0f} / {p['added_p50_us']:,.0f} | "
-            f"{n['added_p99_us']:,.0f} / {p['added_p99_us']:,.0f} | {_fmt(n['cpu_s_per_1000'], '.3f')} / {_fmt(p['cpu_s_per_1000'], '.3f')} |"
+            f"| {row['scenario']} | {d['rps']:,.0f} | {n['rps']:,.0f} | {p['rps']:,.0f} | {u['rps']:,.0f} | {p['throughput_vs_direct']:.2f} | "
+            f"{p['throughput_vs_nginx']:.2f} | {u['throughput_vs_nginx']:.2f} | {_fmt(p.get('throughput_vs_uvicorn'), '.2f')} |"
+        )
+    lines += [
+        "",
+        "Latency added over calling the model directly, and CPU per request (nginx / proxy / proxy-uvicorn):",
+        "",
+        "| scenario | added p50 us | added p99 us | CPU s per 1k req | CPU proxy / proxy-uvicorn |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for row in rows:
+        n, p, u = row["nginx"], row["proxy"], row["proxy-uvicorn"]
+        lines.append(
+            f"| {row['scenario']} | {n['added_p50_us']:,.0f} / {p['added_p50_us']:,.0f} / {u['added_p50_us']:,.0f} | "
+            f"{n['added_p99_us']:,.0f} / {p['added_p99_us']:,.0f} / {u['added_p99_us']:,.0f} | "
+            f"{_fmt(n['cpu_s_per_1000'], '.3f')} / {_fmt(p['cpu_s_per_1000'], '.3f')} / {_fmt(u['cpu_s_per_1000'], '.3f')} | "
+            f"{_fmt(p.get('cpu_vs_uvicorn'), '.2f')} |"
         )
     lines.append("")
+    goal = report["cpu_goal"]
+    assert isinstance(goal, dict)
+    lines.append(
+        f"- Goal, {goal['scenario']}: proxy CPU / proxy-uvicorn CPU per request {_fmt(goal['value'], '.2f')}, at most {goal['max']:g}: "
+        + ("met." if goal["met"] else "NOT met.")
+    )
     for row in rows:
         for name in ("proxy-no-metrics", "proxy-2-workers"):
             if name in row:
                 e, p = row[name], row["proxy"]
                 lines.append(f"- {row['scenario']}: {name} {e['rps']:,.0f} req/s ({e['throughput_vs_nginx']:.2f} of nginx); proxy with metrics / {name} = {p['rps'] / e['rps']:.3f}")
-    trivial = rows[0]["proxy"]
+    trivial = rows[0]
     delay = next(r for r in rows if r["scenario"].startswith(f"{MODEL_DELAY_MS} ms"))
     lines.append(
-        f"- Accuracy at 1 connection: ModelLatency + OverheadLatency mean {_fmt(_add(trivial['model_latency_mean_us'], trivial['overhead_latency_mean_us']), ',.0f')} us"
-        f" against wrk's mean {trivial['mean_us']:,.0f} us."
+        "- Accuracy at 1 connection, ModelLatency + OverheadLatency mean against wrk's mean: "
+        + "; ".join(
+            f"{name} {_fmt(_add(trivial[name]['model_latency_mean_us'], trivial[name]['overhead_latency_mean_us']), ',.0f')} us"
+            f" against {trivial[name]['mean_us']:,.0f} us"
+            for name in ("proxy", "proxy-uvicorn")
+        )
+        + "."
     )
     lines.append(
         f"- Accuracy with a {MODEL_DELAY_MS} ms model at 64 connections: ModelLatency mean {_fmt(delay['proxy']['model_latency_mean_us'], ',.0f')} us"
+        f" (proxy-uvicorn {_fmt(delay['proxy-uvicorn']['model_latency_mean_us'], ',.0f')} us)"
         f" against the model's own time, called directly, {delay['direct']['mean_us']:,.0f} us (wrk mean)."
     )
+    errors = [
+        f"{row['scenario']} {name} {entry['errors']:,} ({entry['non_2xx']:,} non-2xx, {entry['socket_errors']:,} socket)"
+        for row in rows for name, entry in row.items() if isinstance(entry, dict) and entry.get("errors")
+    ]
+    lines.append("- wrk errors: " + ("; ".join(errors) if errors else "none") + ".")
     rss = report["peak_rss_mb"]
     assert isinstance(rss, dict)
     lines.append("- Peak RSS: " + ", ".join(f"{k} {v:.1f} MB" for k, v in rss.items()) + ".")
     soak = report["memory_soak"]
     if isinstance(soak, dict):
-        lines.append(f"- Memory over {soak['requests']:,.0f} requests past warm-up: {soak['rss_before_mb']:.1f} MB -> {soak['rss_after_mb']:.1f} MB ({soak['growth_mb']:+.1f} MB).")
+        lines.append(f"- Memory over {soak['requests']:,.0f} requests past warm-up (proxy): {soak['rss_before_mb']:.1f} MB -> {soak['rss_after_mb']:.1f} MB ({soak['growth_mb']:+.1f} MB).")
     return "\n".join(lines) + "\n"
 
 
@@ -457,15 +575,15 @@ def chart(report: dict[str, object], path: Path) -> None:
     assert isinstance(rows, list)
     labels = [r["scenario"].replace(", ", "\n") for r in rows]
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(12, 8))
-    width = 0.27
+    width = 0.2
     xs = range(len(rows))
-    for i, name in enumerate(("direct", "nginx", "proxy")):
-        top.bar([x + (i - 1) * width for x in xs], [r[name]["rps"] for r in rows], width, label=name)
+    for i, name in enumerate(MAIN_TARGETS):
+        top.bar([x + (i - 1.5) * width for x in xs], [r[name]["rps"] for r in rows], width, label=name)
     top.set_ylabel("requests/s (median)")
     top.set_title("Throughput")
     top.legend()
-    for i, name in enumerate(("nginx", "proxy")):
-        bottom.bar([x + (i - 0.5) * width for x in xs], [r[name]["added_p50_us"] for r in rows], width, label=name)
+    for i, name in enumerate(MAIN_TARGETS[1:]):
+        bottom.bar([x + (i - 1) * width for x in xs], [r[name]["added_p50_us"] for r in rows], width, label=name, color=f"C{i + 1}")
     bottom.set_ylabel("added p50 latency, us")
     bottom.set_title("Latency added over calling the model directly")
     bottom.legend()
