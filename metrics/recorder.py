@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
@@ -21,6 +21,25 @@ MODEL_LATENCY = d.MODEL_LATENCY.cloudwatch_name or ""
 OVERHEAD_LATENCY = d.OVERHEAD_LATENCY.cloudwatch_name or ""
 FIRST_BYTE = d.MODEL_FIRST_BYTE_LATENCY.cloudwatch_name or ""
 CONCURRENT = d.CONCURRENT_REQUESTS_PER_MODEL.cloudwatch_name or ""
+
+
+class Outcome(Protocol):
+    """What the recorder reads of one ended invocation (the request path's record, ``proxy.app.Invocation``)."""
+
+    @property
+    def instances(self) -> int: ...
+    @property
+    def abandoned(self) -> bool: ...
+    @property
+    def status(self) -> int: ...
+    @property
+    def upstream_error(self) -> str | None: ...
+    @property
+    def model_us(self) -> int: ...
+    @property
+    def overhead_us(self) -> int: ...
+    @property
+    def first_byte_us(self) -> int | None: ...
 
 
 class InvocationMetrics:
@@ -163,6 +182,20 @@ class InvocationRecorder:
             add(sets, OVERHEAD_LATENCY, overhead_us)
             if first_byte_us is not None:
                 add(sets, FIRST_BYTE, first_byte_us)
+
+    def invocation_ended(self, outcome: Outcome) -> None:
+        """Exactly once per invocation that ``invocation_started``."""
+        if outcome.abandoned:
+            self.invocation_abandoned(instances=outcome.instances)
+        else:
+            self.invocation_finished(
+                status=outcome.status,
+                upstream_error=outcome.upstream_error,
+                model_us=outcome.model_us,
+                overhead_us=outcome.overhead_us,
+                instances=outcome.instances,
+                first_byte_us=outcome.first_byte_us,
+            )
 
     def invocation_abandoned(self, *, instances: int) -> None:
         """The client went away while the model worked: an invocation, with no error class and no latency."""

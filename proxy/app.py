@@ -126,6 +126,63 @@ class Variant:
     weight: float = 1.0
 
 
+@dataclass(slots=True)
+class Invocation:
+    """The record of one request, stamped by the request path and read afterwards by whatever reports it
+    (the recorder now; spans and stream metrics read the same record).
+
+    Clock points in monotonic nanoseconds (DESIGN.md section 4); 0 where never reached.
+    """
+
+    t_in: int  # the app is called for the request (head parsed)
+    variant: Variant | None = None
+    counted: bool = False  # an invocation route: recorded in the invocation metrics
+    instances: int = 1  # the variant's live instances when it started: n of InvocationsPerInstance
+    t_send: int = 0  # just before the request's first byte goes to the model
+    t_head: int = 0  # the model's response head arrived
+    t_done: int = 0  # the model's last byte arrived, or its call failed; 0: it never ended (client gone)
+    t_out: int = 0  # the response's last byte was handed to the server
+    blocked_ns: int = 0  # time in send() to the client while the model was still answering
+    first_byte_ns: int | None = None  # t_send to the first body byte of a streamed response
+    status: int = 0  # the model's status (read only when there is no fault)
+    fault: Fault | None = None
+    responded: bool = False  # the response head was handed to the server
+    request_bytes: int = 0
+    response_bytes: int = 0
+
+    # What the recorder reads (metrics.recorder.Outcome).
+    @property
+    def abandoned(self) -> bool:
+        """The client went away while the model worked: an invocation with no error class and no latency."""
+        return self.fault is Fault.CLIENT_DISCONNECT or not self.t_done
+
+    @property
+    def upstream_error(self) -> str | None:
+        return self.fault.reason if self.fault is not None else None
+
+    @property
+    def model_us(self) -> int:
+        return (self.t_done - self.t_send - self.blocked_ns) // 1000
+
+    @property
+    def overhead_us(self) -> int:
+        return (self.t_out - self.t_in - (self.t_done - self.t_send - self.blocked_ns)) // 1000
+
+    @property
+    def first_byte_us(self) -> int | None:
+        return None if self.first_byte_ns is None else self.first_byte_ns // 1000
+
+
+@dataclass(frozen=True, slots=True)
+class _Forward:
+    """What goes to the model: decided in the accept phase, sent in the forward phase."""
+
+    method: bytes
+    target: bytes
+    headers: Headers
+    body: bytes
+
+
 class ProxyApp:
     """The ASGI application on the proxy port: every request goes to a model; invocations are recorded.
 
@@ -172,144 +229,146 @@ class ProxyApp:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return  # lifespan is handled by the server; websockets are refused by returning
-        clock = self._clock
-        t_in = clock()
+        record = Invocation(self._clock())
+        request = await self._accept(scope, receive, send, record)
+        if request is not None:
+            await self._invoke(request, record, scope, receive, send)
 
-        # Accept and validate.
+    # -- phase 1: accept, validate, choose the variant, read the body -------------------------------
+
+    async def _accept(self, scope: Scope, receive: Receive, send: Send, record: Invocation) -> _Forward | None:
+        """The request to forward, or None once it was refused (answered and counted)."""
         method: str = scope["method"]
         if method == "CONNECT":
-            return await self._refuse(send, Fault.METHOD_NOT_ALLOWED)
+            await self._refuse(send, Fault.METHOD_NOT_ALLOWED)
+            return None
         raw_path: bytes = scope.get("raw_path") or scope["path"].encode()
         if not raw_path.startswith(b"/"):
-            return await self._refuse(send, Fault.MALFORMED_REQUEST, "request target must be a path")
+            await self._refuse(send, Fault.MALFORMED_REQUEST, "request target must be a path")
+            return None
         headers, declared, target_variant = self._request_headers(scope)
         if declared is not None and declared > self._max_payload:
-            return await self._refuse(send, Fault.PAYLOAD_TOO_LARGE)
+            await self._refuse(send, Fault.PAYLOAD_TOO_LARGE)
+            return None
         variant = self._choose(target_variant)
         if variant is None:
             asked = (target_variant or b"").decode("latin-1")[:80]
             known = ", ".join(v.name for v in self._variants.values())
-            return await self._refuse(send, Fault.UNKNOWN_VARIANT, f"no production variant {asked!r}; this endpoint has {known}")
+            await self._refuse(send, Fault.UNKNOWN_VARIANT, f"no production variant {asked!r}; this endpoint has {known}")
+            return None
         body = await self._read_body(receive)
         if isinstance(body, Fault):
-            return await self._refuse(send, body, variant=variant)
-
-        upstream = variant.upstream
-        recorder = variant.recorder
-        if not upstream.ready():
-            return await self._refuse(send, Fault.NO_LIVE_INSTANCE, variant=variant)
+            await self._refuse(send, body, variant=variant)
+            return None
+        if not variant.upstream.ready():
+            await self._refuse(send, Fault.NO_LIVE_INSTANCE, variant=variant)
+            return None
         if self._max_concurrency and self._in_flight >= self._max_concurrency:
-            return await self._refuse(send, Fault.OVER_CAPACITY, variant=variant)
-        headers[0] = (b"host", upstream.authority)
-
-        invocation = self._record and (method, scope["path"]) in self._routes
+            await self._refuse(send, Fault.OVER_CAPACITY, variant=variant)
+            return None
+        headers[0] = (b"host", variant.upstream.authority)
         query: bytes = scope.get("query_string", b"")
-        target = raw_path + b"?" + query if query else raw_path
-        loop = asyncio.get_running_loop()
-        guard = _Guard(loop, self._timeout, scope, receive)
-        instances = 1
-        if invocation:
-            instances = variant.instances.current()
-            recorder.invocation_started()
+        record.variant = variant
+        record.counted = self._record and (method, scope["path"]) in self._routes
+        record.request_bytes = len(body)
+        return _Forward(method.encode(), raw_path + b"?" + query if query else raw_path, headers, body)
 
+    # -- phases 2 and 3: forward, stream back; then record, exactly once --------------------------------
+
+    async def _invoke(self, request: _Forward, record: Invocation, scope: Scope, receive: Receive, send: Send) -> None:
+        variant = record.variant
+        assert variant is not None
+        clock = self._clock
+        guard = _Guard(asyncio.get_running_loop(), self._timeout, scope, receive)
+        if record.counted:
+            record.instances = variant.instances.current()
+            variant.recorder.invocation_started()
         response: UpstreamResponse | None = None
-        status = 0
-        fault: Fault | None = None
-        first_byte_ns: int | None = None
-        blocked_ns = 0  # time spent in send() to the client while the model was still answering
-        started = False
-        t_send = 0
-        t_done: int | None = None  # stays None if the model call never ended (client gone, shutdown)
         self._in_flight += 1
         try:
-            # Forward.
-            t_send = clock()
+            record.t_send = clock()
             try:
-                response = await upstream.request(method.encode(), target, headers, body)
+                response = await variant.upstream.request(request.method, request.target, request.headers, request.body)
             except UpstreamError as e:
-                t_done = clock()
-                fault = e.fault
+                record.t_done = clock()
+                record.fault = e.fault
                 guard.stop()
                 log.debug("model call failed: %s", e)
-                await self._refuse(send, fault, None, _server_timing(t_done - t_send, t_send - t_in), variant)
+                await self._refuse(send, e.fault, None, _server_timing(record.t_done - record.t_send, record.t_send - record.t_in), variant)
                 return
-            t_head = clock()
-            status = response.status
-            out_headers = self._response_headers(response.headers, _server_timing(t_head - t_send, t_send - t_in), variant)
-
-            # Stream back.
-            if response.complete:
-                t_done = t_head
-                guard.stop()
-                started = True
-                await send({"type": "http.response.start", "status": status, "headers": out_headers})
-                await send({"type": "http.response.body", "body": response.take_buffered()})
-            else:
-                started = True
-                await send({"type": "http.response.start", "status": status, "headers": out_headers})
-                blocked_ns += clock() - t_head
-                chunk = response.take_buffered()
-                if chunk and response.streamed:
-                    first_byte_ns = t_head - t_send
-                while True:
-                    if chunk:
-                        t0 = clock()
-                        await send({"type": "http.response.body", "body": chunk, "more_body": True})
-                        blocked_ns += clock() - t0
-                        guard.rearm()
-                    chunk = await response.read()
-                    if not chunk:
-                        break
-                    if first_byte_ns is None and response.streamed:
-                        first_byte_ns = clock() - t_send
-                t_done = clock()
-                guard.stop()
-                await send({"type": "http.response.body", "body": b""})
+            record.t_head = clock()
+            record.status = response.status
+            await self._stream_back(response, record, send, guard)
         except UpstreamError as e:
             # The model failed after the head was sent: the client's connection must be aborted.
-            t_done = clock()
-            fault = e.fault
+            record.t_done = clock()
+            record.fault = e.fault
             raise
         except Exception:
-            t_done = clock()
-            fault = Fault.INTERNAL
-            log.exception("internal error while proxying %s %s", method, scope["path"])
-            if started:
+            record.t_done = clock()
+            record.fault = Fault.INTERNAL
+            log.exception("internal error while proxying %s %s", scope["method"], scope["path"])
+            if record.responded:
                 raise
-            await self._refuse(send, fault, variant=variant)
+            await self._refuse(send, Fault.INTERNAL, variant=variant)
         except asyncio.CancelledError:
             cancelled = guard.fault
             if cancelled is None:
                 raise  # the server is shutting down
             asyncio.current_task().uncancel()  # type: ignore[union-attr]
             if cancelled is Fault.CLIENT_DISCONNECT:
-                fault = cancelled
+                record.fault = cancelled
                 return
-            t_done = clock()
-            fault = Fault.UPSTREAM_TIMEOUT
-            if started:
-                raise UpstreamError(fault) from None
-            await self._refuse(send, fault, None, _server_timing(t_done - t_send, t_send - t_in), variant)
+            record.t_done = clock()
+            record.fault = Fault.UPSTREAM_TIMEOUT
+            if record.responded:
+                raise UpstreamError(Fault.UPSTREAM_TIMEOUT) from None
+            await self._refuse(send, Fault.UPSTREAM_TIMEOUT, None, _server_timing(record.t_done - record.t_send, record.t_send - record.t_in), variant)
         finally:
             self._in_flight -= 1
             guard.stop()
             if response is not None:
                 response.close()
-            if invocation:
-                # Record: exactly once per invocation, whatever happened above.
-                if fault is Fault.CLIENT_DISCONNECT or t_done is None:
-                    recorder.invocation_abandoned(instances=instances)
-                else:
-                    model_ns = t_done - t_send - blocked_ns
-                    total_ns = clock() - t_in
-                    recorder.invocation_finished(
-                        status=status if fault is None else fault.status or 0,
-                        upstream_error=fault.reason if fault else None,
-                        model_us=model_ns // 1000,
-                        overhead_us=(total_ns - model_ns) // 1000,
-                        instances=instances,
-                        first_byte_us=None if first_byte_ns is None else first_byte_ns // 1000,
-                    )
+            record.t_out = clock()
+            if record.counted:
+                variant.recorder.invocation_ended(record)
+
+    async def _stream_back(self, response: UpstreamResponse, record: Invocation, send: Send, guard: _Guard) -> None:
+        """The model's response to the client: whole if it is in already, else chunk by chunk as it comes.
+
+        Time blocked in ``send()`` before the model's last byte is the client's, not the model's."""
+        clock = self._clock
+        timing = _server_timing(record.t_head - record.t_send, record.t_send - record.t_in)
+        start = {"type": "http.response.start", "status": response.status, "headers": self._response_headers(response.headers, timing, record.variant)}
+        record.responded = True
+        if response.complete:
+            record.t_done = record.t_head
+            guard.stop()
+            body = response.take_buffered()
+            record.response_bytes = len(body)
+            await send(start)
+            await send({"type": "http.response.body", "body": body})
+            return
+        await send(start)
+        record.blocked_ns += clock() - record.t_head
+        chunk = response.take_buffered()
+        if chunk and response.streamed:
+            record.first_byte_ns = record.t_head - record.t_send
+        while True:
+            if chunk:
+                record.response_bytes += len(chunk)
+                t0 = clock()
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                record.blocked_ns += clock() - t0
+                guard.rearm()
+            chunk = await response.read()
+            if not chunk:
+                break
+            if record.first_byte_ns is None and response.streamed:
+                record.first_byte_ns = clock() - record.t_send
+        record.t_done = clock()
+        guard.stop()
+        await send({"type": "http.response.body", "body": b""})
 
     def _request_headers(self, scope: Scope) -> tuple[Headers, int | None, bytes | None]:
         """The headers for the model (Host first, set once the variant is known), the declared
@@ -343,7 +402,8 @@ class ProxyApp:
             out.append((b"x-forwarded-host", original_host))
         return out, declared, target_variant
 
-    def _response_headers(self, headers: Headers, server_timing: bytes, variant: Variant) -> Headers:
+    def _response_headers(self, headers: Headers, server_timing: bytes, variant: Variant | None) -> Headers:
+        assert variant is not None
         drop = _dropped(headers, RESPONSE_DROP)
         out = [(name, value) for name, value in headers if name not in drop]
         out.append((b"server-timing", server_timing))
