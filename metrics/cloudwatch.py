@@ -97,13 +97,14 @@ class PublisherHealth:
             labels = dict(zip(d.VARIANT_LABELS, (endpoint_name, variant_name), strict=True))
         names, values = list(labels), list(labels.values())
         self.last_success = Gauge(
-            d.CLOUDWATCH_LAST_SUCCESS.prometheus_name, d.CLOUDWATCH_LAST_SUCCESS.help, names, registry=registry, multiprocess_mode="livemax"
+            d.CLOUDWATCH_LAST_SUCCESS.prometheus_name, d.CLOUDWATCH_LAST_SUCCESS.help, names, registry=registry,
+            multiprocess_mode=d.CLOUDWATCH_LAST_SUCCESS.multiprocess_mode,
         ).labels(*values)
         failures = Counter(d.CLOUDWATCH_FAILURES.prometheus_name, d.CLOUDWATCH_FAILURES.help, [*names, "reason"], registry=registry)
         self.failures = {r: failures.labels(*values, r) for r in FAILURE_REASONS}
         self.buffered = Gauge(
             d.CLOUDWATCH_BUFFERED_PERIODS.prometheus_name, d.CLOUDWATCH_BUFFERED_PERIODS.help, names, registry=registry,
-            multiprocess_mode="livesum",
+            multiprocess_mode=d.CLOUDWATCH_BUFFERED_PERIODS.multiprocess_mode,
         ).labels(*values)
         self.dropped = Counter(d.CLOUDWATCH_DROPPED.prometheus_name, d.CLOUDWATCH_DROPPED.help, names, registry=registry).labels(*values)
         self.published = Counter(d.CLOUDWATCH_PUBLISHED.prometheus_name, d.CLOUDWATCH_PUBLISHED.help, names, registry=registry).labels(*values)

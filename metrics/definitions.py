@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
+from typing import Literal
 
 
 class Kind(enum.Enum):
@@ -22,7 +23,9 @@ class MetricDefinition:
 
     ``prometheus_name`` is the exposed sample name (counters end in ``_total``);
     ``cloudwatch_name`` and ``unit`` are what CloudWatch gets (``None``: Prometheus only);
-    ``labels`` are the Prometheus label names beyond ``endpoint_name`` and ``variant_name``.
+    ``labels`` are the Prometheus label names beyond ``endpoint_name`` and ``variant_name``;
+    ``multiprocess_mode`` is how a gauge's values from several workers merge: added (``livesum``) or the
+    largest kept (``livemax``), live workers only.
     """
 
     prometheus_name: str
@@ -31,6 +34,7 @@ class MetricDefinition:
     cloudwatch_name: str | None = None
     unit: str = "Count"
     labels: tuple[str, ...] = ()
+    multiprocess_mode: Literal["livesum", "livemax"] = "livesum"
 
 
 # Labels every invocation metric carries; CloudWatch dimensions EndpointName and VariantName.
@@ -78,7 +82,7 @@ CONCURRENT_REQUESTS_PER_MODEL = MetricDefinition(
 )
 LIVE_INSTANCES = MetricDefinition(
     "sagemaker_live_instances", Kind.GAUGE,
-    "Live model instances of the variant, the n of InvocationsPerInstance.",
+    "Live model instances of the variant, the n of InvocationsPerInstance.", multiprocess_mode="livemax",
 )
 REJECTED_REQUESTS = MetricDefinition(
     "sagemaker_proxy_rejected_requests_total", Kind.COUNTER,
@@ -100,7 +104,7 @@ CLIENT_DISCONNECTS = MetricDefinition(
 
 CLOUDWATCH_LAST_SUCCESS = MetricDefinition(
     "sagemaker_proxy_cloudwatch_last_success_timestamp_seconds", Kind.GAUGE,
-    "Unix time of the last successful PutMetricData.",
+    "Unix time of the last successful PutMetricData.", multiprocess_mode="livemax",
 )
 CLOUDWATCH_FAILURES = MetricDefinition(
     "sagemaker_proxy_cloudwatch_publish_failures_total", Kind.COUNTER,

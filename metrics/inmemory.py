@@ -1,21 +1,68 @@
-"""Lock-free metric families for a single process, exported by a collector at scrape time.
+"""Lock-free metric families, exported by a collector at scrape time.
 
 prometheus-client's children take a lock on every update: about 10 us for the seven updates of an
 invocation, a tenth of the proxy's CPU per request. The request path runs on one event-loop thread
-and so does the scrape, so plain attributes are enough here. With several workers the proxy uses
-prometheus-client's own (multiprocess) metrics instead; both offer ``labels(...)`` and the child
-methods the recorder calls (``inc``, ``dec``, ``set``, ``observe``).
+and so does the scrape, so plain attributes are enough here.
+
+With several workers (``SharedFiles``), each value is also written, still without a lock, to this
+worker's file in prometheus-client's multiprocess format: one writer per file, the worker's event
+loop, and an 8-byte slice assignment that a reader never sees half-done. The supervisor merges the
+files at every scrape with prometheus-client's ``MultiProcessCollector``; a worker that dies leaves its
+counters and histograms behind (nothing counted is lost), and ``mark_process_dead`` drops its live gauges.
 """
 
 from __future__ import annotations
 
 import bisect
+import os
+import struct
 from collections.abc import Iterable, Sequence
 from typing import TypeVar
 
 from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.mmap_dict import MmapedDict, mmap_key
 from prometheus_client.registry import Collector, CollectorRegistry
 from prometheus_client.utils import floatToGoString
+
+from metrics.definitions import Kind, MetricDefinition
+
+_pack_double = struct.Struct("d").pack
+
+
+class SharedFiles:
+    """One worker's multiprocess files (``counter_<pid>.db``, ``histogram_<pid>.db``, ``gauge_livesum_<pid>.db``...)
+    in ``directory``, named as prometheus-client names them so that its collector and ``mark_process_dead`` apply."""
+
+    def __init__(self, directory: str, pid: int | None = None) -> None:
+        self._directory = directory
+        self._pid = os.getpid() if pid is None else pid
+        self._files: dict[str, MmapedDict] = {}
+
+    def slot(self, prefix: str, metric_name: str, name: str, labelnames: Sequence[str], labelvalues: Sequence[str], help: str) -> Slot:
+        file = self._files.get(prefix)
+        if file is None:
+            file = self._files[prefix] = MmapedDict(os.path.join(self._directory, f"{prefix}_{self._pid}.db"))
+        key = mmap_key(metric_name, name, list(labelnames), list(labelvalues), help)
+        file.write_value(key, 0.0, 0.0)
+        return Slot(file, file._positions[key])
+
+    def close(self) -> None:
+        for file in self._files.values():
+            file.close()
+        self._files.clear()
+
+
+class Slot:
+    """Where one value lives in a worker's file. The file's mapping may be replaced when it grows, so it is looked up per write."""
+
+    __slots__ = ("file", "pos")
+
+    def __init__(self, file: MmapedDict, pos: int) -> None:
+        self.file = file
+        self.pos = pos
+
+    def write(self, value: float) -> None:
+        self.file._m[self.pos:self.pos + 8] = _pack_double(value)
 
 
 class CounterChild:
@@ -38,12 +85,44 @@ class GaugeChild(CounterChild):
         self.value = value
 
 
+class SharedCounterChild(CounterChild):
+    __slots__ = ("slot",)
+
+    def __init__(self, slot: Slot) -> None:
+        super().__init__()
+        self.slot = slot
+
+    def inc(self, amount: float = 1.0) -> None:
+        self.value += amount
+        self.slot.write(self.value)
+
+
+class SharedGaugeChild(GaugeChild):
+    __slots__ = ("slot",)
+
+    def __init__(self, slot: Slot) -> None:
+        super().__init__()
+        self.slot = slot
+
+    def inc(self, amount: float = 1.0) -> None:
+        self.value += amount
+        self.slot.write(self.value)
+
+    def dec(self, amount: float = 1.0) -> None:
+        self.value -= amount
+        self.slot.write(self.value)
+
+    def set(self, value: float) -> None:
+        self.value = value
+        self.slot.write(value)
+
+
 class HistogramChild:
     __slots__ = ("bounds", "counts", "total")
 
     def __init__(self, bounds: tuple[float, ...]) -> None:
         self.bounds = bounds
-        self.counts = [0] * (len(bounds) + 1)  # the last one is +Inf
+        self.counts = [0] * (len(bounds) + 1)  # per bucket, not cumulative; the last one is +Inf
         self.total = 0.0
 
     def observe(self, value: float) -> None:
@@ -51,17 +130,41 @@ class HistogramChild:
         self.counts[bisect.bisect_left(self.bounds, value)] += 1
 
 
+class SharedHistogramChild(HistogramChild):
+    __slots__ = ("bucket_slots", "sum_slot")
+
+    def __init__(self, bounds: tuple[float, ...], bucket_slots: list[Slot], sum_slot: Slot) -> None:
+        super().__init__(bounds)
+        self.bucket_slots = bucket_slots
+        self.sum_slot = sum_slot
+
+    def observe(self, value: float) -> None:
+        self.total += value
+        i = bisect.bisect_left(self.bounds, value)
+        self.counts[i] += 1
+        self.bucket_slots[i].write(self.counts[i])
+        self.sum_slot.write(self.total)
+
+
 class _Family:
-    def __init__(self, name: str, help: str, labelnames: Sequence[str]) -> None:
-        self.name = name
-        self.help = help
+    def __init__(self, definition: MetricDefinition, labelnames: Sequence[str], shared: SharedFiles | None) -> None:
+        self.name = definition.prometheus_name
+        self.help = definition.help
         self.labelnames = tuple(labelnames)
+        self.shared = shared
         self.children: dict[tuple[str, ...], object] = {}
 
 
 class Counter(_Family):
     def labels(self, *values: str) -> CounterChild:
-        child = self.children.setdefault(tuple(values), CounterChild())
+        child = self.children.get(values)
+        if child is None:
+            if self.shared is None:
+                child = CounterChild()
+            else:
+                base = self.name.removesuffix("_total")
+                child = SharedCounterChild(self.shared.slot("counter", base, base + "_total", self.labelnames, values, self.help))
+            self.children[values] = child
         assert isinstance(child, CounterChild)
         return child
 
@@ -74,8 +177,18 @@ class Counter(_Family):
 
 
 class Gauge(_Family):
+    def __init__(self, definition: MetricDefinition, labelnames: Sequence[str], shared: SharedFiles | None) -> None:
+        super().__init__(definition, labelnames, shared)
+        self.prefix = f"gauge_{definition.multiprocess_mode}"
+
     def labels(self, *values: str) -> GaugeChild:
-        child = self.children.setdefault(tuple(values), GaugeChild())
+        child = self.children.get(values)
+        if child is None:
+            if self.shared is None:
+                child = GaugeChild()
+            else:
+                child = SharedGaugeChild(self.shared.slot(self.prefix, self.name, self.name, self.labelnames, values, self.help))
+            self.children[values] = child
         assert isinstance(child, GaugeChild)
         return child
 
@@ -88,22 +201,32 @@ class Gauge(_Family):
 
 
 class Histogram(_Family):
-    def __init__(self, name: str, help: str, labelnames: Sequence[str], buckets: Sequence[float]) -> None:
-        super().__init__(name, help, labelnames)
+    def __init__(self, definition: MetricDefinition, labelnames: Sequence[str], shared: SharedFiles | None, buckets: Sequence[float]) -> None:
+        super().__init__(definition, labelnames, shared)
         self.bounds = tuple(float(b) for b in buckets if b != float("inf"))
+        self.edges = [*(_le(b) for b in self.bounds), "+Inf"]
 
     def labels(self, *values: str) -> HistogramChild:
-        child = self.children.setdefault(tuple(values), HistogramChild(self.bounds))
+        child = self.children.get(values)
+        if child is None:
+            shared = self.shared
+            if shared is None:
+                child = HistogramChild(self.bounds)
+            else:
+                name, names = self.name, (*self.labelnames, "le")
+                buckets = [shared.slot("histogram", name, name + "_bucket", names, (*values, le), self.help) for le in self.edges]
+                total = shared.slot("histogram", name, name + "_sum", self.labelnames, values, self.help)
+                child = SharedHistogramChild(self.bounds, buckets, total)
+            self.children[values] = child
         assert isinstance(child, HistogramChild)
         return child
 
     def collect(self) -> Metric:
         family = HistogramMetricFamily(self.name, self.help, labels=self.labelnames)
-        edges = [*(_le(b) for b in self.bounds), "+Inf"]
         for values, child in self.children.items():
             assert isinstance(child, HistogramChild)
             cumulative, buckets = 0, []
-            for edge, count in zip(edges, child.counts, strict=True):
+            for edge, count in zip(self.edges, child.counts, strict=True):
                 cumulative += count
                 buckets.append((edge, float(cumulative)))
             family.add_metric(values, buckets, child.total)
@@ -119,20 +242,26 @@ F = TypeVar("F", "Counter", "Gauge", "Histogram")
 
 
 class Families(Collector):
-    """Registers with a registry once and yields every family created through it at each scrape."""
+    """Builds each family from its definition and yields them all at each scrape.
 
-    def __init__(self, registry: CollectorRegistry) -> None:
+    ``shared``: this worker's multiprocess files, which every value is also written to."""
+
+    def __init__(self, registry: CollectorRegistry, shared: SharedFiles | None = None) -> None:
         self._families: list[Counter | Gauge | Histogram] = []
+        self._shared = shared
         registry.register(self)
 
-    def counter(self, name: str, help: str, labelnames: Sequence[str]) -> Counter:
-        return self._add(Counter(name, help, labelnames))
+    def counter(self, definition: MetricDefinition, labelnames: Sequence[str]) -> Counter:
+        assert definition.kind is Kind.COUNTER, definition
+        return self._add(Counter(definition, labelnames, self._shared))
 
-    def gauge(self, name: str, help: str, labelnames: Sequence[str]) -> Gauge:
-        return self._add(Gauge(name, help, labelnames))
+    def gauge(self, definition: MetricDefinition, labelnames: Sequence[str]) -> Gauge:
+        assert definition.kind is Kind.GAUGE, definition
+        return self._add(Gauge(definition, labelnames, self._shared))
 
-    def histogram(self, name: str, help: str, labelnames: Sequence[str], buckets: Sequence[float]) -> Histogram:
-        return self._add(Histogram(name, help, labelnames, buckets))
+    def histogram(self, definition: MetricDefinition, labelnames: Sequence[str], buckets: Sequence[float]) -> Histogram:
+        assert definition.kind is Kind.HISTOGRAM, definition
+        return self._add(Histogram(definition, labelnames, self._shared, buckets))
 
     def _add(self, family: F) -> F:
         self._families.append(family)

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, Literal, Protocol
+from typing import Protocol
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry
 
 from metrics import definitions as d
 from metrics import inmemory
@@ -45,8 +45,8 @@ class Outcome(Protocol):
 class InvocationMetrics:
     """The invocation metric families of one registry, registered once; each variant records through its own labels.
 
-    ``multiprocess``: prometheus-client's metrics, whose values its multiprocess mode shares between
-    workers; otherwise the lock-free families of ``metrics.inmemory``, for one process.
+    Lock-free (``metrics.inmemory``); with several workers, ``shared`` is this worker's multiprocess files,
+    which the supervisor merges at scrape time.
     """
 
     def __init__(
@@ -55,40 +55,24 @@ class InvocationMetrics:
         *,
         model_latency_buckets: Sequence[float] = d.DEFAULT_MODEL_LATENCY_BUCKETS_US,
         overhead_latency_buckets: Sequence[float] = d.DEFAULT_OVERHEAD_LATENCY_BUCKETS_US,
-        multiprocess: bool = False,
+        shared: inmemory.SharedFiles | None = None,
     ) -> None:
+        f = inmemory.Families(registry, shared)
         labels = d.VARIANT_LABELS
-        families = None if multiprocess else inmemory.Families(registry)
-
-        def counter(m: d.MetricDefinition) -> Any:
-            if families is not None:
-                return families.counter(m.prometheus_name, m.help, labels + m.labels)
-            return Counter(m.prometheus_name, m.help, labels + m.labels, registry=registry)
-
-        def histogram(m: d.MetricDefinition, buckets: Sequence[float]) -> Any:
-            if families is not None:
-                return families.histogram(m.prometheus_name, m.help, labels, buckets)
-            return Histogram(m.prometheus_name, m.help, labels, buckets=tuple(buckets), registry=registry)
-
-        def gauge(m: d.MetricDefinition, mode: Literal["livesum", "livemax"]) -> Any:
-            if families is not None:
-                return families.gauge(m.prometheus_name, m.help, labels)
-            return Gauge(m.prometheus_name, m.help, labels, registry=registry, multiprocess_mode=mode)
-
-        self.invocations = counter(d.INVOCATIONS)
-        self.errors_4xx = counter(d.INVOCATION_4XX_ERRORS)
-        self.errors_5xx = counter(d.INVOCATION_5XX_ERRORS)
-        self.model_errors = counter(d.INVOCATION_MODEL_ERRORS)
-        self.per_instance = counter(d.INVOCATIONS_PER_INSTANCE)
-        self.model_latency = histogram(d.MODEL_LATENCY, model_latency_buckets)
-        self.overhead_latency = histogram(d.OVERHEAD_LATENCY, overhead_latency_buckets)
-        self.first_byte = histogram(d.MODEL_FIRST_BYTE_LATENCY, model_latency_buckets)
-        self.concurrent = gauge(d.CONCURRENT_REQUESTS_PER_MODEL, "livesum")
-        self.live_instances = gauge(d.LIVE_INSTANCES, "livemax")
-        self.client_disconnects = counter(d.CLIENT_DISCONNECTS)
-        self.instance_count_errors = counter(d.INSTANCE_COUNT_ERRORS)
-        self.rejected = counter(d.REJECTED_REQUESTS)
-        self.upstream_errors = counter(d.UPSTREAM_ERRORS)
+        self.invocations = f.counter(d.INVOCATIONS, labels)
+        self.errors_4xx = f.counter(d.INVOCATION_4XX_ERRORS, labels)
+        self.errors_5xx = f.counter(d.INVOCATION_5XX_ERRORS, labels)
+        self.model_errors = f.counter(d.INVOCATION_MODEL_ERRORS, labels)
+        self.per_instance = f.counter(d.INVOCATIONS_PER_INSTANCE, labels)
+        self.model_latency = f.histogram(d.MODEL_LATENCY, labels, model_latency_buckets)
+        self.overhead_latency = f.histogram(d.OVERHEAD_LATENCY, labels, overhead_latency_buckets)
+        self.first_byte = f.histogram(d.MODEL_FIRST_BYTE_LATENCY, labels, model_latency_buckets)
+        self.concurrent = f.gauge(d.CONCURRENT_REQUESTS_PER_MODEL, labels)
+        self.live_instances = f.gauge(d.LIVE_INSTANCES, labels)
+        self.client_disconnects = f.counter(d.CLIENT_DISCONNECTS, labels)
+        self.instance_count_errors = f.counter(d.INSTANCE_COUNT_ERRORS, labels)
+        self.rejected = f.counter(d.REJECTED_REQUESTS, labels + d.REJECTED_REQUESTS.labels)
+        self.upstream_errors = f.counter(d.UPSTREAM_ERRORS, labels + d.UPSTREAM_ERRORS.labels)
 
 
 class InvocationRecorder:

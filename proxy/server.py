@@ -22,6 +22,7 @@ from prometheus_client.registry import Collector
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from metrics import definitions as d
+from metrics.inmemory import SharedFiles
 from metrics.recorder import InvocationMetrics
 from metrics.statistics import PeriodStatistics
 from proxy.admin import create_admin_app
@@ -147,12 +148,14 @@ def _background(settings: Settings, registry: CollectorRegistry, *, invocations:
     )
 
 
-def _proxy_app(settings: Settings, registry: CollectorRegistry, statistics: Mapping[str, PeriodStatistics]) -> tuple[ProxyApp, Variants]:
+def _proxy_app(
+    settings: Settings, registry: CollectorRegistry, statistics: Mapping[str, PeriodStatistics], shared: SharedFiles | None = None
+) -> tuple[ProxyApp, Variants]:
     metrics = InvocationMetrics(
         registry,
         model_latency_buckets=settings.model_latency_buckets,
         overhead_latency_buckets=settings.overhead_latency_buckets,
-        multiprocess=settings.workers > 1,
+        shared=shared,
     )
     variants = build_variants(settings, metrics, statistics)
     app = ProxyApp(
@@ -214,23 +217,25 @@ def _log_start(settings: Settings) -> None:
 
 
 # -- several workers -------------------------------------------------------------------------------
-# Workers share the proxy socket and write their metrics to prometheus-client's multiprocess files;
-# the supervisor serves the admin port and merges those files per scrape, so /metrics is one set.
+# Workers share the proxy socket and write their metrics, lock-free, to files in prometheus-client's
+# multiprocess format; the supervisor serves the admin port and merges those files per scrape, so
+# /metrics is one set.
 
 
-def _worker_main(settings: Settings, proxy_sock: socket.socket) -> None:
+def _worker_main(settings: Settings, proxy_sock: socket.socket, multiproc_dir: str) -> None:
     import uvloop
 
     setup_logging(settings)
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-        runner.run(_serve_worker(settings, proxy_sock))
+        runner.run(_serve_worker(settings, proxy_sock, multiproc_dir))
 
 
-async def _serve_worker(settings: Settings, proxy_sock: socket.socket) -> None:
-    # PROMETHEUS_MULTIPROC_DIR was set before this process started, so values live in its files.
+async def _serve_worker(settings: Settings, proxy_sock: socket.socket, multiproc_dir: str) -> None:
+    # The invocation metrics are written lock-free to this worker's files in multiproc_dir; the CloudWatch
+    # publisher's are prometheus-client's own, which PROMETHEUS_MULTIPROC_DIR (set before this process started) sends there too.
     registry = CollectorRegistry()
     background = _background(settings, registry, invocations=True, host=None)  # the supervisor samples the host
-    app, variants = _proxy_app(settings, registry, background.statistics)
+    app, variants = _proxy_app(settings, registry, background.statistics, SharedFiles(multiproc_dir))
     server = listener(app, settings, on_refused=_count_refusals(variants))
     stop_on_signals(server)
     background.start()
@@ -247,7 +252,7 @@ class _WorkersAndSupervisor(Collector):
     its CloudWatch publisher) as one exposition. A family both have is merged as prometheus-client merges
     processes: samples with the same labels are added, or for a ``livemax`` gauge, the larger kept."""
 
-    MAX_FAMILIES = frozenset({d.CLOUDWATCH_LAST_SUCCESS.prometheus_name})
+    MAX_FAMILIES = frozenset({d.CLOUDWATCH_LAST_SUCCESS.prometheus_name, d.LIVE_INSTANCES.prometheus_name})
 
     def __init__(self, multiproc_dir: str, own: CollectorRegistry) -> None:
         self._multiproc_dir = multiproc_dir
@@ -284,7 +289,7 @@ async def _supervise(
     context = multiprocessing.get_context("spawn")
 
     def start_worker() -> BaseProcess:
-        worker = context.Process(target=_worker_main, args=(settings, proxy_sock), name="sagemaker-metrics-proxy-worker")
+        worker = context.Process(target=_worker_main, args=(settings, proxy_sock, multiproc_dir), name="sagemaker-metrics-proxy-worker")
         worker.start()
         return worker
 
