@@ -62,23 +62,52 @@ def _server_timing(model_ns: int, overhead_ns: int) -> bytes:
     return b"model;dur=%.3f, overhead;dur=%.3f" % (model_ns / 1e6, overhead_ns / 1e6)
 
 
+class _Deadlines:
+    """The invocation timeouts of one app, on one ticker instead of a timer per request.
+
+    The ticker runs while requests are in flight, every twentieth of the timeout (between 10 ms and
+    half a second), so a timeout fires at most one tick late."""
+
+    def __init__(self, timeout: float) -> None:
+        self.timeout = timeout
+        self.guards: set[_Guard] = set()
+        self._tick = min(0.5, max(0.01, timeout / 20))
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._handle: asyncio.TimerHandle | None = None
+
+    def add(self, guard: _Guard, loop: asyncio.AbstractEventLoop) -> None:
+        self.guards.add(guard)
+        if self._handle is None or self._loop is not loop:
+            self._loop = loop
+            self._handle = loop.call_later(self._tick, self._check)
+
+    def _check(self) -> None:
+        loop = self._loop
+        assert loop is not None
+        now = loop.time()
+        for guard in [g for g in self.guards if g.deadline <= now]:
+            guard.timed_out()
+        self._handle = loop.call_later(self._tick, self._check) if self.guards else None
+
+
 class _Guard:
     """Cancels the request task when the client disconnects or the model overruns the invocation timeout.
 
     ``fault`` records which one fired, so the request path can tell these from a shutdown.
     """
 
-    __slots__ = ("_loop", "_task", "_timeout", "_timer", "_watcher", "done", "fault")
+    __slots__ = ("_deadlines", "_loop", "_task", "_watcher", "deadline", "done", "fault")
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, timeout: float, scope: Scope, receive: Receive) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop, deadlines: _Deadlines, scope: Scope, receive: Receive) -> None:
         self.fault: Fault | None = None
         self.done = False
         task = asyncio.current_task(loop)
         assert task is not None
         self._task = task
         self._loop = loop
-        self._timeout = timeout
-        self._timer = loop.call_later(timeout, self._fire, Fault.UPSTREAM_TIMEOUT)
+        self._deadlines = deadlines
+        self.deadline = loop.time() + deadlines.timeout
+        deadlines.add(self, loop)
         self._watcher: asyncio.Task[None] | None = None
         hooks = scope.get("extensions", {}).get(DISCONNECT_EXTENSION)
         if hooks is not None:
@@ -95,6 +124,9 @@ class _Guard:
     def _disconnected(self) -> None:
         self._fire(Fault.CLIENT_DISCONNECT)
 
+    def timed_out(self) -> None:
+        self._fire(Fault.UPSTREAM_TIMEOUT)
+
     def _fire(self, fault: Fault) -> None:
         if self.fault is None and not self.done:
             self.fault = fault
@@ -102,17 +134,14 @@ class _Guard:
 
     def rearm(self) -> None:
         """The model made progress: the timeout counts again from now (an idle timeout between chunks)."""
-        self._timer.cancel()
-        self._timer = self._loop.call_later(self._timeout, self._fire, Fault.UPSTREAM_TIMEOUT)
-
-    def stop_timer(self) -> None:
-        self._timer.cancel()
+        self.deadline = self._loop.time() + self._deadlines.timeout
 
     def stop(self) -> None:
-        self.done = True
-        self._timer.cancel()
-        if self._watcher is not None:
-            self._watcher.cancel()
+        if not self.done:
+            self.done = True
+            self._deadlines.guards.discard(self)
+            if self._watcher is not None:
+                self._watcher.cancel()
 
 
 @dataclass(frozen=True)
@@ -211,7 +240,7 @@ class ProxyApp:
         self._random = random
         self._routes = invocation_routes
         self._max_payload = max_payload_bytes
-        self._timeout = invocation_timeout
+        self._deadlines = _Deadlines(invocation_timeout)
         self._max_concurrency = max_concurrency  # 0: no limit
         self._in_flight = 0  # requests forwarded and not yet answered, all variants
         self._record = record
@@ -279,7 +308,7 @@ class ProxyApp:
         variant = record.variant
         assert variant is not None
         clock = self._clock
-        guard = _Guard(asyncio.get_running_loop(), self._timeout, scope, receive)
+        guard = _Guard(asyncio.get_running_loop(), self._deadlines, scope, receive)
         if record.counted:
             record.instances = variant.instances.current()
             variant.recorder.invocation_started()

@@ -325,6 +325,9 @@ class _Connection(asyncio.Protocol):
         self.client: tuple[str, int] | None = None
         self.local: tuple[str, int] | None = None
         self.active: _Cycle | None = None  # the request whose app call runs now
+        self.next: _Cycle | None = None  # the request the connection's task is to run next
+        self.task: asyncio.Task[None] | None = None
+        self.ready: asyncio.Future[None] | None = None  # the task waits on it between requests
         self.reading: _Cycle | None = None  # the request whose body is being parsed
         self.waiting: collections.deque[_Cycle | Fault] = collections.deque()  # pipelined, in order
         self.url = b""
@@ -373,6 +376,7 @@ class _Connection(asyncio.Protocol):
         waiter = self.drain_waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
+        self._wake()
 
     def eof_received(self) -> bool:
         """The client sent FIN. Over TCP a half-close (which still wants its answer) and a full close look
@@ -565,10 +569,32 @@ class _Connection(asyncio.Protocol):
     # -- requests --------------------------------------------------------------------------------
 
     def _start(self, cycle: _Cycle) -> None:
-        self.active = cycle  # no deadline of ours while the app runs: it has its own timeouts
-        task = self.loop.create_task(self._run(cycle))
-        self.server.tasks.add(task)
-        task.add_done_callback(self.server.tasks.discard)
+        self.active = self.next = cycle  # no deadline of ours while the app runs: it has its own timeouts
+        if self.task is None:
+            self.task = self.loop.create_task(self._serve())
+            self.server.tasks.add(self.task)
+            self.task.add_done_callback(self.server.tasks.discard)
+        else:
+            self._wake()
+
+    def _wake(self) -> None:
+        ready = self.ready
+        if ready is not None and not ready.done():
+            ready.set_result(None)
+
+    async def _serve(self) -> None:
+        """The connection's one task: the app for each request in turn (a task per connection, not per request)."""
+        while not self.closed or self.next is not None:
+            cycle = self.next
+            if cycle is None:
+                self.ready = self.loop.create_future()
+                try:
+                    await self.ready
+                finally:
+                    self.ready = None
+                continue
+            self.next = None
+            await self._run(cycle)
 
     async def _run(self, cycle: _Cycle) -> None:
         try:
