@@ -241,6 +241,7 @@ class ProxyApp:
         self._routes = invocation_routes
         self._max_payload = max_payload_bytes
         self._deadlines = _Deadlines(invocation_timeout)
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._max_concurrency = max_concurrency  # 0: no limit
         self._in_flight = 0  # requests forwarded and not yet answered, all variants
         self._record = record
@@ -308,7 +309,11 @@ class ProxyApp:
         variant = record.variant
         assert variant is not None
         clock = self._clock
-        guard = _Guard(asyncio.get_running_loop(), self._deadlines, scope, receive)
+        loop = self._loop
+        if loop is None or not loop.is_running():
+            # asyncio.get_running_loop() makes a getpid() system call each time (a fork check): once per loop here.
+            loop = self._loop = asyncio.get_running_loop()
+        guard = _Guard(loop, self._deadlines, scope, receive)
         if record.counted:
             record.instances = variant.instances.current()
             variant.recorder.invocation_started()
