@@ -24,9 +24,9 @@ from dataclasses import dataclass
 
 from metrics.recorder import InvocationRecorder
 from proxy.errors import Fault, UpstreamError, error_body
-from proxy.http.client import UpstreamClient, UpstreamResponse
+from proxy.http.client import GATHER_BYTES, UpstreamClient, UpstreamResponse
 from proxy.instances import InstanceCountSource
-from proxy.types import DISCONNECT_EXTENSION, FAULT_KEY, Headers, Message, Receive, Scope, Send
+from proxy.types import DISCONNECT_EXTENSION, FAULT_KEY, Body, Headers, Message, Receive, Scope, Send, body_size
 
 log = logging.getLogger("proxy")
 
@@ -209,7 +209,7 @@ class _Forward:
     method: bytes
     target: bytes
     headers: Headers
-    body: bytes
+    body: Body
 
 
 class ProxyApp:
@@ -300,7 +300,7 @@ class ProxyApp:
         query: bytes = scope.get("query_string", b"")
         record.variant = variant
         record.counted = self._record and (method, scope["path"]) in self._routes
-        record.request_bytes = len(body)
+        record.request_bytes = body_size(body)
         return _Forward(method.encode(), raw_path + b"?" + query if query else raw_path, headers, body)
 
     # -- phases 2 and 3: forward, stream back; then record, exactly once --------------------------------
@@ -444,8 +444,10 @@ class ProxyApp:
         out.append((VARIANT_HEADER, variant.name.encode()))
         return out
 
-    async def _read_body(self, receive: Receive) -> bytes | Fault:
-        """The whole request body, bounded by the max payload: a slow uploader costs overhead, not model time."""
+    async def _read_body(self, receive: Receive) -> Body | Fault:
+        """The whole request body, bounded by the max payload: a slow uploader costs overhead, not model time.
+
+        A large body stays in the chunks it came in, which go to the model in one gathered write: no copy here."""
         message: Message = await receive()
         if message["type"] == "http.disconnect":
             return message.get(FAULT_KEY, Fault.CLIENT_DISCONNECT_EARLY)
@@ -463,7 +465,7 @@ class ProxyApp:
             if size > self._max_payload:
                 return Fault.PAYLOAD_TOO_LARGE
             chunks.append(chunk)
-        return b"".join(chunks)
+        return chunks if size >= GATHER_BYTES else b"".join(chunks)
 
     async def _refuse(
         self, send: Send, fault: Fault, message: str | None = None, server_timing: bytes | None = None, variant: Variant | None = None

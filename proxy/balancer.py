@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 from proxy.errors import Fault, UpstreamError
 from proxy.http.client import HttpUpstream, UpstreamResponse, ping
-from proxy.types import Headers
+from proxy.types import Body, Headers
 
 log = logging.getLogger("proxy.balancer")
 
@@ -69,7 +69,7 @@ class BalancedUpstream:
         self._next = (start + 1) % n
         return best
 
-    async def request(self, method: bytes, target: bytes, headers: Headers, body: bytes) -> UpstreamResponse:
+    async def request(self, method: bytes, target: bytes, headers: Headers, body: Body) -> UpstreamResponse:
         instance = self._pick()
         if instance is None:
             raise UpstreamError(Fault.NO_LIVE_INSTANCE)

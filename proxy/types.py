@@ -9,6 +9,12 @@ Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 Headers = list[tuple[bytes, bytes]]
+# A request body for the model: whole, or as the chunks it arrived in (a large one, written without a copy).
+Body = bytes | list[bytes]
+
+
+def body_size(body: Body) -> int:
+    return len(body) if isinstance(body, bytes) else sum(map(len, body))
 
 # Scope extensions between the front door (proxy/http/server.py, or the uvicorn protocol in proxy/server.py) and the app.
 # A list the app appends callbacks to, called by the server when the client disconnects mid-request.

@@ -18,12 +18,14 @@ from urllib.parse import urlsplit
 import httptools
 
 from proxy.errors import Fault, UpstreamError
-from proxy.types import Headers
+from proxy.types import Body, Headers, body_size
 
 # Pause reading from the model when this much response body waits for a slow client.
 HIGH_WATER = 256 * 1024
 LOW_WATER = 64 * 1024
 MAX_IDLE = 512
+# Bodies at least this large are written with the head in one gathered write, not copied into one buffer.
+GATHER_BYTES = 65536
 MAX_HEAD_BYTES = 64 * 1024
 # Retrying on a reused connection that died without an answer is safe only where repeating is.
 IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE", b"TRACE"})
@@ -39,7 +41,7 @@ class UpstreamClient(Protocol):
         """False when no model instance can take a request (nothing is sent then: a 503, not an invocation)."""
         ...
 
-    async def request(self, method: bytes, target: bytes, headers: Headers, body: bytes) -> UpstreamResponse: ...
+    async def request(self, method: bytes, target: bytes, headers: Headers, body: Body) -> UpstreamResponse: ...
 
     async def close(self) -> None: ...
 
@@ -227,13 +229,15 @@ class _Connection(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]  # uvloop's transports are not asyncio.Transport
 
-    def send(self, head: bytes, body: bytes, head_only: bool) -> UpstreamResponse:
+    def send(self, head: bytes, body: Body, head_only: bool) -> UpstreamResponse:
         response = UpstreamResponse(self, self.pool.loop, head_only)
         self.response = response
         # A fresh parser per message: a HEAD response's parser state must not leak into the next one.
         self.parser = httptools.HttpResponseParser(response)
         assert self.transport is not None
-        if len(body) < 65536:
+        if not isinstance(body, bytes):
+            self.transport.writelines((head, *body))
+        elif len(body) < GATHER_BYTES:
             self.transport.write(head + body)
         else:
             self.transport.writelines((head, body))
@@ -340,13 +344,13 @@ class HttpUpstream:
             raise UpstreamError(Fault.UPSTREAM_CONNECT, f"could not connect to the model at {self.url}: {e.strerror or e}") from None
         return conn
 
-    async def request(self, method: bytes, target: bytes, headers: Headers, body: bytes) -> UpstreamResponse:
+    async def request(self, method: bytes, target: bytes, headers: Headers, body: Body) -> UpstreamResponse:
         """Send one request and wait for the response head. Body chunks follow through ``read()``."""
         lines = [b"%s %s HTTP/1.1\r\n" % (method, target)]
         for name, value in headers:
             lines.append(name + b": " + value + b"\r\n")
         if body or method not in (b"GET", b"HEAD", b"DELETE", b"OPTIONS"):
-            lines.append(b"content-length: %d\r\n" % len(body))
+            lines.append(b"content-length: %d\r\n" % body_size(body))
         lines.append(b"\r\n")
         head = b"".join(lines)
         head_only = method == b"HEAD"

@@ -149,7 +149,7 @@ class _Cycle:
         self.keep_alive = keep_alive
         self.continue_due = continue_due
         self.head_only = scope["method"] == "HEAD"
-        self.body: list[bytes] = []
+        self.body: collections.deque[bytes] = collections.deque()
         self.body_size = 0
         self.body_complete = False
         self.body_read = False  # the last http.request went to the app
@@ -193,12 +193,11 @@ class _Cycle:
                 finally:
                     self.waiter = None
             return {"type": "http.disconnect"}
-        chunks = self.body
-        body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
-        self.body.clear()
-        self.body_size = 0
+        # One chunk per message, as it arrived: the app gathers them without this server copying them first.
+        body = self.body.popleft() if self.body else b""
+        self.body_size -= len(body)
         self.conn.resume_reading()
-        self.body_read = self.body_complete
+        self.body_read = self.body_complete and not self.body
         return {"type": "http.request", "body": body, "more_body": not self.body_read}
 
     async def send(self, message: Message) -> None:
