@@ -328,3 +328,28 @@ def test_requests_over_the_concurrency_limit_get_503_at_once(model: Running, sta
     assert invoke(proxy).status_code == 200  # room again
     assert proxy.value("sagemaker_invocations_total") == 3
     assert proxy.value("sagemaker_proxy_rejected_requests_total", reason="over_capacity") == 1
+
+
+@pytest.mark.parametrize("server", ["builtin", "uvicorn"])
+def test_sigterm_drains_in_flight_requests_while_metrics_stay_up(
+    model: Running, start_proxy: Callable[..., Proxy], server: str
+) -> None:
+    import concurrent.futures
+    import signal
+
+    proxy = start_proxy(model.url, "--http-server", server)
+    idle = socket.create_connection(("127.0.0.1", proxy.port))  # an idle keep-alive client: closed at shutdown
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        slow = pool.submit(invoke, proxy, {"X-Test-Delay-Ms": "1500"})
+        time.sleep(0.5)
+        proxy.proc.send_signal(signal.SIGTERM)
+        time.sleep(0.3)
+        # Draining: the admin port still answers, the in-flight invocation is not recorded yet.
+        assert proxy.value("sagemaker_concurrent_requests_per_model") == 1
+        assert proxy.value("sagemaker_invocations_total") == 0
+        with pytest.raises(OSError):
+            socket.create_connection(("127.0.0.1", proxy.port), timeout=1).close()
+        assert slow.result(10).status_code == 200
+    idle.settimeout(5)
+    assert idle.recv(1) == b""
+    assert proxy.proc.wait(10) == 0
