@@ -386,17 +386,16 @@ class _Connection(asyncio.Protocol):
             reading.lose()  # the body can never be completed
         active = self.active
         pending = [c for c in (active, *self.waiting) if isinstance(c, _Cycle) and not c.disconnected]
-        if not pending or active is None or active.scope["http_version"] != "1.1":
-            for cycle in pending:
-                cycle.lose()
+        if active is None or not pending:
             return False
         self.eof = True
         for cycle in pending:
             cycle.keep_alive = False
-        if not active.response_started:
+        if not active.response_started and active.scope["http_version"] == "1.1":
+            # HTTP/1.0 has no interim responses: there a closed client is found when the response is written.
             self.write(CONTINUE)
-        self.server.half_closed.add(self)
-        self.loop.call_later(0.05, self.check_peer)
+            self.server.half_closed.add(self)
+            self.loop.call_later(0.05, self.check_peer)
         return True
 
     def check_peer(self) -> None:
