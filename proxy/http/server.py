@@ -81,7 +81,7 @@ class HttpServer:
         self.connections: set[_Connection] = set()
         self.half_closed: set[_Connection] = set()  # the client sent FIN while its request is served
         self.tasks: set[asyncio.Task[None]] = set()
-        self.now = 0.0  # the coarse clock: loop time at the last tick
+        self.now = 0.0  # the coarse clock: loop time at the last tick; a timeout fires between 0 and 2 ticks late
         self.stopping = False
         self._stop = asyncio.Event()
         shortest = min(limits.head_timeout, limits.keep_alive_timeout, limits.body_timeout)
@@ -110,7 +110,9 @@ class HttpServer:
         while True:
             await asyncio.sleep(self._tick)
             now = self.now = loop.time()
-            for conn in [c for c in self.connections if c.deadline <= now]:
+            # Deadlines were set from this coarse clock, up to a tick behind: one tick of grace so none fires early.
+            due = now - self._tick
+            for conn in [c for c in self.connections if c.deadline <= due]:
                 conn.timed_out()
             for conn in list(self.half_closed):
                 conn.check_peer()
@@ -251,7 +253,7 @@ class _Cycle:
         lines = [STATUS_LINES.get(status) or b"HTTP/1.1 %d \r\n" % status]
         for name, value in self.headers:
             if name == b"content-length":
-                if status != 204:  # a 204 has no body and no length (RFC 9110 8.6)
+                if status != 204 and value.isdigit():  # a 204 has no body and no length (RFC 9110 8.6)
                     length = int(value)
                 continue
             elif name == b"connection" and b"close" in value.lower():
