@@ -63,15 +63,18 @@ def _server_timing(model_ns: int, overhead_ns: int) -> bytes:
 
 
 class _Deadlines:
-    """The invocation timeouts of one app, on one ticker instead of a timer per request.
+    """The timeouts of one app's requests, on one ticker instead of a timer per request: the model's
+    (``timeout``: to the response head, and between body chunks) and the client's (``client_timeout``:
+    blocked writing to a client that does not read).
 
-    The ticker runs while requests are in flight, every twentieth of the timeout (between 10 ms and
-    half a second), so a timeout fires at most one tick late."""
+    The ticker runs while requests are in flight, every twentieth of the shorter timeout (between
+    10 ms and half a second), so a timeout fires at most one tick late."""
 
-    def __init__(self, timeout: float) -> None:
+    def __init__(self, timeout: float, client_timeout: float) -> None:
         self.timeout = timeout
+        self.client_timeout = client_timeout
         self.guards: set[_Guard] = set()
-        self._tick = min(0.5, max(0.01, timeout / 20))
+        self._tick = min(0.5, max(0.01, min(timeout, client_timeout) / 20))
         self._loop: asyncio.AbstractEventLoop | None = None
         self._handle: asyncio.TimerHandle | None = None
 
@@ -96,7 +99,7 @@ class _Guard:
     ``fault`` records which one fired, so the request path can tell these from a shutdown.
     """
 
-    __slots__ = ("_deadlines", "_loop", "_task", "_watcher", "deadline", "done", "fault")
+    __slots__ = ("_deadlines", "_loop", "_task", "_watcher", "deadline", "done", "fault", "on_client")
 
     def __init__(self, loop: asyncio.AbstractEventLoop, deadlines: _Deadlines, scope: Scope, receive: Receive) -> None:
         self.fault: Fault | None = None
@@ -107,6 +110,7 @@ class _Guard:
         self._loop = loop
         self._deadlines = deadlines
         self.deadline = loop.time() + deadlines.timeout
+        self.on_client = False  # which clock runs: the model's, or the client's while a write to it blocks
         deadlines.add(self, loop)
         self._watcher: asyncio.Task[None] | None = None
         hooks = scope.get("extensions", {}).get(DISCONNECT_EXTENSION)
@@ -125,7 +129,8 @@ class _Guard:
         self._fire(Fault.CLIENT_DISCONNECT)
 
     def timed_out(self) -> None:
-        self._fire(Fault.UPSTREAM_TIMEOUT)
+        # A client that stops reading is a client gone, not a model error.
+        self._fire(Fault.CLIENT_DISCONNECT if self.on_client else Fault.UPSTREAM_TIMEOUT)
 
     def _fire(self, fault: Fault) -> None:
         if self.fault is None and not self.done:
@@ -133,8 +138,14 @@ class _Guard:
             self._task.cancel()
 
     def rearm(self) -> None:
-        """The model made progress: the timeout counts again from now (an idle timeout between chunks)."""
+        """Waiting on the model again: its timeout counts from now (an idle timeout between chunks)."""
+        self.on_client = False
         self.deadline = self._loop.time() + self._deadlines.timeout
+
+    def writing(self) -> None:
+        """Waiting on the client: the model's clock stops and the client's runs."""
+        self.on_client = True
+        self.deadline = self._loop.time() + self._deadlines.client_timeout
 
     def stop(self) -> None:
         if not self.done:
@@ -225,6 +236,7 @@ class ProxyApp:
         invocation_routes: frozenset[tuple[str, str]],
         max_payload_bytes: int,
         invocation_timeout: float,
+        client_write_timeout: float = 60.0,
         max_concurrency: int = 0,
         record: bool = True,
         clock: Callable[[], int] = time.perf_counter_ns,
@@ -240,7 +252,7 @@ class ProxyApp:
         self._random = random
         self._routes = invocation_routes
         self._max_payload = max_payload_bytes
-        self._deadlines = _Deadlines(invocation_timeout)
+        self._deadlines = _Deadlines(invocation_timeout, client_write_timeout)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._max_concurrency = max_concurrency  # 0: no limit
         self._in_flight = 0  # requests forwarded and not yet answered, all variants
@@ -373,7 +385,8 @@ class ProxyApp:
         Time blocked in ``send()`` before the model's last byte is the client's, not the model's."""
         clock = self._clock
         timing = _server_timing(record.t_head - record.t_send, record.t_send - record.t_in)
-        start = {"type": "http.response.start", "status": response.status, "headers": self._response_headers(response.headers, timing, record.variant)}
+        headers = self._response_headers(response.status, response.headers, timing, record.variant)
+        start = {"type": "http.response.start", "status": response.status, "headers": headers}
         record.responded = True
         if response.complete:
             record.t_done = record.t_head
@@ -392,6 +405,7 @@ class ProxyApp:
             if chunk:
                 record.response_bytes += len(chunk)
                 t0 = clock()
+                guard.writing()
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
                 record.blocked_ns += clock() - t0
                 guard.rearm()
@@ -436,9 +450,12 @@ class ProxyApp:
             out.append((b"x-forwarded-host", original_host))
         return out, declared, target_variant
 
-    def _response_headers(self, headers: Headers, server_timing: bytes, variant: Variant | None) -> Headers:
+    def _response_headers(self, status: int, headers: Headers, server_timing: bytes, variant: Variant | None) -> Headers:
         assert variant is not None
         drop = _dropped(headers, RESPONSE_DROP)
+        if status == 204 or status == 304:
+            # No body follows, whatever length the model declared; a server that checks the length would fail the response.
+            drop = drop | {b"content-length"}
         out = [(name, value) for name, value in headers if name not in drop]
         out.append((b"server-timing", server_timing))
         out.append((VARIANT_HEADER, variant.name.encode()))

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from proxy.errors import Fault, UpstreamError
-from proxy.http.client import HttpUpstream, UpstreamResponse, ping
+from proxy.http.client import IDLE_TIMEOUT_S, HttpUpstream, UpstreamResponse, ping
 from proxy.types import Body, Headers
 
 log = logging.getLogger("proxy.balancer")
@@ -42,10 +42,12 @@ class Instance:
 class BalancedUpstream:
     """Requests go to the healthy instance with the fewest outstanding requests (ties rotate)."""
 
-    def __init__(self, urls: list[str], check: HealthCheck, on_change: Callable[[int], None] = lambda n: None) -> None:
+    def __init__(
+        self, urls: list[str], check: HealthCheck, on_change: Callable[[int], None] = lambda n: None, *, idle_timeout: float = IDLE_TIMEOUT_S
+    ) -> None:
         if not urls:
             raise ValueError("at least one upstream is needed")
-        self.instances = [Instance(HttpUpstream(url)) for url in urls]
+        self.instances = [Instance(HttpUpstream(url, idle_timeout=idle_timeout)) for url in urls]
         self.authority = self.instances[0].upstream.authority
         self._check = check
         self._next = 0

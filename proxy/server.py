@@ -163,6 +163,7 @@ def _proxy_app(
         invocation_routes=settings.invocation_routes,
         max_payload_bytes=settings.max_payload_bytes,
         invocation_timeout=settings.invocation_timeout,
+        client_write_timeout=settings.client_write_timeout,
         max_concurrency=settings.max_concurrency,
         record=settings.record_metrics,
     )

@@ -54,6 +54,8 @@ class Settings:
     invocation_routes: frozenset[tuple[str, str]] = frozenset({("POST", "/invocations")})
     max_payload_bytes: int = 6 * 1024 * 1024
     invocation_timeout: float = 60.0
+    client_write_timeout: float = 60.0
+    upstream_idle_timeout: float = 4.0
     max_concurrency: int = 0  # requests forwarded at once per process; 0: no limit
     ping_path: str = "/ping"
     model_latency_buckets: tuple[float, ...] = DEFAULT_MODEL_LATENCY_BUCKETS_US
@@ -295,6 +297,8 @@ SERVE_OPTIONS: tuple[Option, ...] = (
     Option("--invocation-route", _route, "'METHOD /path' that counts as an invocation; repeatable, or a comma list in the environment", "POST /invocations", repeatable=True),
     Option("--max-payload-bytes", _int_between(1, 1 << 40), "largest request body; larger ones get 413", str(6 * 1024 * 1024)),
     Option("--invocation-timeout", _positive_float, "seconds to wait for the model's response head, and between body chunks; then 504", "60"),
+    Option("--client-write-timeout", _positive_float, "seconds a response may wait on a client that does not read, without progress; then the connection is closed and the invocation counts as a client disconnect", "60"),
+    Option("--upstream-idle-timeout", _positive_float, "seconds a pooled model connection may stay idle and still be reused; below the 5 s keep-alive of uvicorn, gunicorn and most model servers, so the model never closes one as it is reused", "4"),
     Option("--max-concurrency", _int_between(0, 1_000_000), "requests forwarded at once per process before the rest get 503 at once; 0: no limit", "0"),
     Option("--ping-path", _path, "the model's health check path, used by /readyz", "/ping"),
     Option("--model-latency-buckets", _buckets, "ModelLatency histogram buckets, comma-separated microseconds", ",".join(f"{b:.0f}" for b in DEFAULT_MODEL_LATENCY_BUCKETS_US)),
@@ -451,6 +455,8 @@ def resolve(args: argparse.Namespace, environ: Mapping[str, str], options: Seque
         invocation_routes=frozenset(values["invocation_route"]),
         max_payload_bytes=values["max_payload_bytes"],
         invocation_timeout=values["invocation_timeout"],
+        client_write_timeout=values["client_write_timeout"],
+        upstream_idle_timeout=values["upstream_idle_timeout"],
         max_concurrency=values["max_concurrency"],
         ping_path=values["ping_path"],
         model_latency_buckets=values["model_latency_buckets"],

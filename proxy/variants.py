@@ -50,7 +50,7 @@ class Variants:
 def upstream_client(settings: Settings, spec: VariantSpec) -> HttpUpstream | BalancedUpstream:
     """One model: a plain client. Several, or a count of the healthy ones: health-checked and balanced."""
     if len(spec.upstreams) == 1 and settings.instance_count_from != "upstreams":
-        return HttpUpstream(spec.upstreams[0])
+        return HttpUpstream(spec.upstreams[0], idle_timeout=settings.upstream_idle_timeout)
     check = HealthCheck(
         path=settings.ping_path,
         interval_s=settings.health_check_interval,
@@ -58,7 +58,7 @@ def upstream_client(settings: Settings, spec: VariantSpec) -> HttpUpstream | Bal
         unhealthy_threshold=settings.unhealthy_threshold,
         healthy_threshold=settings.healthy_threshold,
     )
-    return BalancedUpstream(list(spec.upstreams), check)
+    return BalancedUpstream(list(spec.upstreams), check, idle_timeout=settings.upstream_idle_timeout)
 
 
 def _count_source(settings: Settings, spec: VariantSpec, client: HttpUpstream | BalancedUpstream) -> InstanceCountSource:

@@ -27,6 +27,9 @@ MAX_IDLE = 512
 # Bodies at least this large are written with the head in one gathered write, not copied into one buffer.
 GATHER_BYTES = 65536
 MAX_HEAD_BYTES = 64 * 1024
+# A pooled connection idle longer is not reused: below the 5 s keep-alive of uvicorn, gunicorn and most
+# model servers, so the model never closes a connection at the moment it is reused.
+IDLE_TIMEOUT_S = 4.0
 # Retrying on a reused connection that died without an answer is safe only where repeating is.
 IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE", b"TRACE"})
 NO_BODY_STATUSES = frozenset({204, 304})
@@ -94,6 +97,11 @@ class UpstreamResponse:
 
     # -- parser callbacks --------------------------------------------------------------------
 
+    def on_message_begin(self) -> None:
+        if self.complete:
+            # A second response nobody asked for, in the same read: the model is out of step on this connection.
+            raise _OutOfStep
+
     def on_header(self, name: bytes, value: bytes) -> None:
         self._head_bytes += len(name) + len(value)
         if self._head_bytes > MAX_HEAD_BYTES:
@@ -112,6 +120,8 @@ class UpstreamResponse:
             self._interim = True
             self.headers = []
             return
+        if status < 100 or status > 599:
+            raise UpstreamError(Fault.UPSTREAM_MALFORMED, f"status {status} from the model is not an HTTP status")
         self.status = status
         self._keep_alive = parser.should_keep_alive()
         if self._head_only or status in NO_BODY_STATUSES:
@@ -214,8 +224,12 @@ class UpstreamResponse:
             conn.abort()
 
 
+class _OutOfStep(Exception):
+    """Raised in a parser callback: bytes followed a complete response."""
+
+
 class _Connection(asyncio.Protocol):
-    __slots__ = ("_paused", "closed", "parser", "pool", "response", "reused", "transport")
+    __slots__ = ("_paused", "closed", "idle_since", "parser", "pool", "response", "reused", "transport")
 
     def __init__(self, pool: HttpUpstream) -> None:
         self.pool = pool
@@ -224,6 +238,7 @@ class _Connection(asyncio.Protocol):
         self.response: UpstreamResponse | None = None
         self.closed = False
         self.reused = False
+        self.idle_since = 0.0
         self._paused = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -261,8 +276,9 @@ class _Connection(asyncio.Protocol):
             self.abort()
         except httptools.HttpParserCallbackError as e:
             cause = e.__context__
-            response._fail(cause if isinstance(cause, UpstreamError) else UpstreamError(Fault.UPSTREAM_MALFORMED, str(e)))
-            self.abort()
+            if not isinstance(cause, _OutOfStep):
+                response._fail(cause if isinstance(cause, UpstreamError) else UpstreamError(Fault.UPSTREAM_MALFORMED, str(e)))
+            self.abort()  # the response in hand is complete; only the first one is forwarded, and never this connection again
         except httptools.HttpParserError as e:
             response._fail(UpstreamError(Fault.UPSTREAM_MALFORMED, f"malformed response from the model: {e}"))
             self.abort()
@@ -302,7 +318,7 @@ class _Connection(asyncio.Protocol):
 class HttpUpstream:
     """A pool of keep-alive HTTP/1.1 connections to one model server (``http://host:port``)."""
 
-    def __init__(self, url: str, *, loop: asyncio.AbstractEventLoop | None = None) -> None:
+    def __init__(self, url: str, *, idle_timeout: float = IDLE_TIMEOUT_S, loop: asyncio.AbstractEventLoop | None = None) -> None:
         parts = urlsplit(url)
         if parts.scheme != "http" or not parts.hostname:
             raise ValueError(f"upstream must be http://host:port, got {url!r}")
@@ -311,6 +327,7 @@ class HttpUpstream:
         self.url = url
         self.authority = parts.netloc.encode("ascii")
         self._loop = loop
+        self._idle_timeout = idle_timeout
         self._idle: list[_Connection] = []
 
     def ready(self) -> bool:
@@ -324,17 +341,27 @@ class HttpUpstream:
 
     def _idle_push(self, conn: _Connection) -> None:
         conn.reused = True
+        conn.idle_since = self.loop.time()
         if len(self._idle) < MAX_IDLE:
             self._idle.append(conn)
         else:
             conn.abort()
 
     def _idle_pop(self) -> _Connection | None:
+        """The most recently used connection that is open and not idle too long. The stack is in order of use,
+        so past the first stale one all are stale."""
         idle = self._idle
         while idle:
             conn = idle.pop()
-            if not conn.closed:
-                return conn
+            if conn.closed or conn.transport is None or conn.transport.is_closing():
+                continue
+            if self.loop.time() - conn.idle_since > self._idle_timeout:
+                conn.abort()
+                for older in idle:
+                    older.abort()
+                idle.clear()
+                return None
+            return conn
         return None
 
     async def _connect(self) -> _Connection:
@@ -360,11 +387,15 @@ class HttpUpstream:
             if conn is None:
                 conn = await self._connect()
             response = conn.send(head, body, head_only)
+            # A write that failed at once (the model had closed the connection) closes the transport here.
+            unsent = conn.transport is None or conn.transport.is_closing()
             try:
                 await response.head()
             except UpstreamError as e:
+                # Retried once, on a fresh connection, only where repeating cannot do the work twice: a reused
+                # connection that gave no byte of an answer, and the request never left (any method) or is idempotent.
                 stale = conn.reused and response.status == 0 and e.fault is Fault.UPSTREAM_RESET
-                if stale and attempt == 1 and method in IDEMPOTENT:
+                if stale and attempt == 1 and (unsent or method in IDEMPOTENT):
                     continue
                 raise
             except BaseException:

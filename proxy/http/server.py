@@ -656,7 +656,10 @@ class _Connection(asyncio.Protocol):
         kind = self.deadline_kind
         self.set_deadline(None, 0)
         if kind == _IDLE:
-            self.close()
+            if self.transport is not None and self.transport.get_write_buffer_size():
+                self.abort()  # a client that stopped reading its last response: nothing more will flush
+            else:
+                self.close()
         elif kind == _NEW:
             self.server.on_refused(Fault.HEAD_TIMEOUT)
             self.abort()
