@@ -97,16 +97,8 @@ class SharedCounterChild(CounterChild):
         self.slot.write(self.value)
 
 
-class SharedGaugeChild(GaugeChild):
-    __slots__ = ("slot",)
-
-    def __init__(self, slot: Slot) -> None:
-        super().__init__()
-        self.slot = slot
-
-    def inc(self, amount: float = 1.0) -> None:
-        self.value += amount
-        self.slot.write(self.value)
+class SharedGaugeChild(SharedCounterChild, GaugeChild):
+    __slots__ = ()
 
     def dec(self, amount: float = 1.0) -> None:
         self.value -= amount
