@@ -28,6 +28,7 @@ from metrics.statistics import PeriodStatistics
 from proxy.admin import create_admin_app
 from proxy.app import ProxyApp
 from proxy.background import Background, Host, Stream, endpoint_host
+from proxy.balancer import BalancedUpstream
 from proxy.errors import Fault
 from proxy.http.server import HttpServer, Limits
 from proxy.settings import ConfigError, MonitorSettings, Settings
@@ -300,8 +301,10 @@ async def _supervise(
         return registry
 
     workers = [start_worker() for _ in range(settings.workers)]
-    # The supervisor answers /readyz with clients of its own; the workers do the balancing.
+    # The supervisor answers /readyz with clients of its own; the workers do the balancing. A balanced client
+    # needs its health loop running, or one refused ping (a model still starting) takes an instance out for good.
     clients = [upstream_client(settings, spec) for spec in settings.variants]
+    health = [asyncio.create_task(c.run()) for c in clients if isinstance(c, BalancedUpstream)]
     admin_server = listener(create_admin_app(collect, clients, ping_path=settings.ping_path), settings)
     stopping = asyncio.Event()
 
@@ -335,6 +338,9 @@ async def _supervise(
             await asyncio.to_thread(worker.join, 15)
             multiprocess.mark_process_dead(worker.pid, multiproc_dir)
         await background.stop()
+        for task in health:
+            task.cancel()
+        await asyncio.gather(*health, return_exceptions=True)
         for client in clients:
             await client.close()
 

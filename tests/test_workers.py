@@ -6,12 +6,13 @@ import os
 import signal
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import httpx
 import psutil
 import pytest
 
-from tests.conftest import Proxy, Running
+from tests.conftest import Proxy, Running, free_port, start
 
 pytestmark = pytest.mark.e2e
 
@@ -80,3 +81,22 @@ def test_stopping_the_supervisor_stops_the_workers(model: Running, start_proxy: 
     assert proxy.proc.wait(20) == 0
     for worker in workers:
         assert not worker.is_running() or worker.status() == psutil.STATUS_ZOMBIE
+
+
+def test_readyz_with_workers_turns_ready_once_a_late_model_answers(tmp_path: Path, start_proxy: Callable[..., Proxy]) -> None:
+    port = free_port()
+    proxy = start_proxy(
+        f"http://127.0.0.1:{port}", "--workers", "2", "--instance-count-from", "upstreams",
+        "--health-check-interval", "0.5", "--unhealthy-threshold", "1",
+    )
+    wait_for_workers(proxy, 2)
+    assert httpx.get(f"{proxy.metrics_url}/readyz").status_code == 503  # the model is not listening yet
+    time.sleep(1.5)  # several failed health checks: the instance is out
+    model = start(["-m", "example_model", "--host", "127.0.0.1", "--port", str(port)], port, tmp_path / "late-model.log")
+    try:
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and httpx.get(f"{proxy.metrics_url}/readyz").status_code != 200:
+            time.sleep(0.2)
+        assert httpx.get(f"{proxy.metrics_url}/readyz").status_code == 200
+    finally:
+        model.stop()
