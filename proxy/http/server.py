@@ -474,8 +474,8 @@ class _Connection(asyncio.Protocol):
             raise _Refusal(Fault.HEAD_TOO_LARGE)
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        if self.synthetic:
-            return
+        if self.synthetic or not self.in_head:
+            return  # a made-up head, or a chunked body's trailers: never merged into the request's headers
         self.head_size += len(name) + len(value) + 4
         if self.head_size > self.limits.max_head_bytes or len(self.headers) >= self.limits.max_headers:
             raise _Refusal(Fault.HEAD_TOO_LARGE)
