@@ -119,6 +119,7 @@ def listener(app: ASGIApp, settings: Settings | MonitorSettings, on_refused: Cal
         max_head_bytes=settings.max_request_head_bytes,
         max_headers=settings.max_request_headers,
         max_connections=settings.max_connections,
+        write_timeout=settings.client_write_timeout,
     )
     return HttpServer(app, limits, on_refused=on_refused)
 

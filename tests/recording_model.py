@@ -11,6 +11,7 @@ The request header ``X-Respond`` picks another answer:
 - ``stream``: a chunked response of three chunks (``chunk-0\\n`` ...), 100 ms apart.
 - ``head-204``: ``204 No Content``, a head and no body.
 - ``slow=MS``: the usual answer after MS milliseconds.
+- ``size=N``: the usual answer padded with spaces to N bytes (still JSON).
 - ``close``: the usual answer with ``Connection: close``, then close.
 
 A HEAD request gets the head of the answer (the usual one with its Content-Length) and never a body.
@@ -140,8 +141,10 @@ async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> 
                 writer.write(b"HTTP/1.1 204 No Content\r\n" + (b"connection: close\r\n" if close else b"") + b"\r\n")
                 await writer.drain()
             else:
-                body = json.dumps({"seq": len(received), "method": method, "target": target, "body_bytes": len(request["body"])})
-                writer.write(response("200 OK", body.encode(), close=close, head_only=method == "HEAD"))
+                body = json.dumps({"seq": len(received), "method": method, "target": target, "body_bytes": len(request["body"])}).encode()
+                if respond.startswith("size="):
+                    body = body.ljust(int(respond.removeprefix("size=")))
+                writer.write(response("200 OK", body, close=close, head_only=method == "HEAD"))
                 await writer.drain()
             if close:
                 return

@@ -989,3 +989,168 @@ def test_half_sent_heads_are_closed_within_the_head_timeout(serve: Callable[...,
     forwarded = serve_clients(proxy, 20, "after")
     finish(proxy, model, forwarded, invocations=len(forwarded), head_timeout=20)
 
+
+
+# -- what one client can hold: trailers, pipelines, unread responses -------------------------------------------
+
+
+@pytest.mark.parametrize("server", uvicorn_xfail("uvicorn has no limit on trailers: it buffers an endless one and never answers"))
+def test_endless_trailer_gets_431_as_soon_as_the_limit_is_passed(serve: Callable[..., Proxy], model: Model, server: str) -> None:
+    """Trailers are bounded with the head: llhttp holds a trailer line until it ends, so an endless one would
+    grow without bound (and block the loop while it grows). The app, reading the body, answers the 431."""
+    limit = 16384
+    proxy = serve(server, "--max-request-head-bytes", str(limit), "--request-body-timeout", "10")
+    c = Client(proxy.port)
+    c.send(b"POST /invocations HTTP/1.1\r\nHost: test\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\nX-Endless: ")
+    deadline = time.monotonic() + 1.0
+    while time.monotonic() < deadline and not c.unread and not c.eof and c.send_error is None:
+        c.send(b"a" * 1024)
+        c.wait_data(0.005)
+    assert len(c.sent) < limit + 256 * 1024, f"{len(c.sent)} bytes sent before the refusal"
+    assert_refusal(c.response(timeout=0.5), c, 431)
+    finish(proxy, model, [], invocations=0, head_too_large=1)
+
+
+@pytest.mark.parametrize("server", SERVERS)
+def test_many_trailers_get_431(serve: Callable[..., Proxy], model: Model, server: str) -> None:
+    proxy = serve(server, "--max-request-headers", "10")
+    c = Client(proxy.port)
+    trailers = b"".join(b"X-T%d: v\r\n" % i for i in range(50))
+    c.send(b"POST /invocations HTTP/1.1\r\nHost: test\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n%s\r\n" % trailers)
+    r = c.response()
+    if server == "builtin":
+        assert_refusal(r, c, 431)
+        finish(proxy, model, [], invocations=0, head_too_large=1)
+    else:  # uvicorn has no limit on trailers (and drops them): forwarded
+        assert_ok(r, c)
+        finish(proxy, model, [("POST", "/invocations", b"hello")], invocations=1)
+
+
+@pytest.mark.parametrize("server", SERVERS)
+def test_body_and_the_next_head_in_one_read_are_not_counted_as_head_bytes(
+    serve: Callable[..., Proxy], model: Model, server: str
+) -> None:
+    """A 100 KB body and the start of the next head arriving together: the head limit (64 KiB) counts the
+    head's bytes only."""
+    proxy = serve(server)
+    c = Client(proxy.port)
+    body = b'{"x": 1}' + b" " * 99_992
+    c.send(b"POST /invocations HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\nContent-Le")
+    time.sleep(0.1)
+    c.send(b"ngth: %d\r\n\r\n%sGET /ping HTTP/1.1\r\nHo" % (len(body), body))
+    time.sleep(0.1)
+    c.send(b"st: test\r\n\r\n")
+    assert_ok(c.response(), c)
+    assert_ok(c.response(), c, "/ping")
+    finish(proxy, model, [("POST", "/invocations", body), ("GET", "/ping", b"")], invocations=1)
+
+
+@pytest.mark.parametrize("server", SERVERS)
+def test_pipelined_body_behind_a_slow_model_is_not_timed_out(serve: Callable[..., Proxy], model: Model, server: str) -> None:
+    """A request pipelined behind one the model takes 1.2 s over, with a body too large for one read: its body
+    is not read (and not timed, body timeout 0.5 s) until its turn comes."""
+    proxy = serve(server)
+    c = Client(proxy.port)
+    big = b'{"x": 2}' + b" " * 599_992
+    c.send(post(b'{"n": 1}', headers=b"X-Respond: slow=1200\r\n") + post(big))
+    assert [(r.status, r.json()["seq"]) for r in (c.response(), c.response())] == [(200, 1), (200, 2)], c.transcript()
+    finish(proxy, model, [("POST", "/invocations", b'{"n": 1}'), ("POST", "/invocations", big)], invocations=2)
+
+
+@pytest.mark.parametrize("server", uvicorn_xfail("uvicorn closes the connection after the first request with an h2c Upgrade header"))
+def test_a_deep_pipeline_is_answered_in_order_one_request_at_a_time(serve: Callable[..., Proxy], model: Model, server: str) -> None:
+    """1,500 requests in one write, each with an h2c Upgrade header (ignored): every one answered, in order.
+    While the first waits on the model, the model has seen only it: the others wait unparsed, not as a
+    queue of 1,500 requests in memory."""
+    proxy = serve(server)
+    c = Client(proxy.port, timeout=30)
+    one = b"GET /ping HTTP/1.1\r\nHost: test\r\nConnection: Upgrade\r\nUpgrade: h2c\r\n\r\n"
+    c.send(get(headers=b"X-Respond: slow=300\r\n") + one * 1500)
+    time.sleep(0.15)
+    assert len(model.received()) == 1
+    seqs = [c.response().json()["seq"] for _ in range(1501)]
+    assert seqs == list(range(1, 1502)), c.transcript()
+    assert not c.closed(0.1) and c.unread == b"", c.transcript()
+    finish(proxy, model, [("GET", "/ping", b"")] * 1501, invocations=0)
+
+
+@pytest.mark.parametrize("server", SERVERS)
+def test_pipelined_requests_wait_while_the_client_does_not_read(serve: Callable[..., Proxy], model: Model, server: str) -> None:
+    """A client pipelines 40 requests for 1 MB answers and reads nothing: the proxy does not call the model for
+    answers the client has not made room for (they would pile up in memory); once it reads, all 40 come, in order."""
+    proxy = serve(server, "--client-write-timeout", "10", "--keep-alive-timeout", "10")
+    c = Client(proxy.port, rcvbuf=4096)
+    size = 1_000_000
+    c.send(get(headers=b"X-Respond: size=%d\r\n" % size) * 40)
+    time.sleep(1.0)
+    assert len(model.received()) <= 3, f"the model was called {len(model.received())} times for a client that reads nothing"
+    seqs = []
+    for _ in range(40):
+        r = c.response(head=True)
+        assert r.status == 200, c.transcript()
+        assert c.stream(size, lambda piece: None, timeout=10) == size, c.transcript()
+        seqs.append(len(seqs) + 1)
+    assert c.unread == b"" and not c.closed(0.1), c.transcript()
+    finish(proxy, model, [("GET", "/ping", b"")] * 40, invocations=0)
+
+
+@pytest.mark.parametrize("server", uvicorn_xfail("uvicorn has no write timeout: a client that never reads holds its connection forever"))
+@pytest.mark.parametrize("connection", [b"close", b"keep-alive"])
+def test_client_that_stops_reading_is_cut_after_the_write_timeout(
+    serve: Callable[..., Proxy], model: Model, server: str, connection: bytes
+) -> None:
+    """An 8 MB answer to a client that reads nothing: the model's whole answer is in, the connection waits for
+    the client, and after --client-write-timeout without progress it is reset. A SIGTERM meanwhile does not
+    wait for that client for ever."""
+    proxy = serve(server, "--client-write-timeout", "1")
+    c = Client(proxy.port, rcvbuf=4096)
+    size = 8_000_000
+    c.send(get(headers=b"Connection: %s\r\nX-Respond: size=%d\r\n" % (connection, size)))
+    time.sleep(0.3)
+    proxy.proc.send_signal(15)
+    proxy.proc.wait(timeout=4)
+    assert c.response(head=True).status == 200
+    assert c.stream(size, lambda piece: None, timeout=2) < size, c.transcript()
+    assert c.eof, c.transcript()
+
+
+@pytest.mark.parametrize("server", SERVERS)
+def test_slow_reader_that_keeps_reading_gets_all_of_a_large_answer(serve: Callable[..., Proxy], model: Model, server: str) -> None:
+    """The write timeout is without progress: a client reading 64 KB every 50 ms takes longer than it in all."""
+    proxy = serve(server, "--client-write-timeout", "0.5")
+    c = Client(proxy.port, rcvbuf=4096)
+    size = 2_000_000
+    c.send(get(headers=b"Connection: close\r\nX-Respond: size=%d\r\n" % size))
+    assert c.response(head=True).status == 200
+    taken = 0
+    started = time.monotonic()
+    while taken < size and not c.eof:
+        taken += c.stream(min(65536, size - taken), lambda piece: None, timeout=2)
+        time.sleep(0.05)
+    assert taken == size and time.monotonic() - started > 0.5, c.transcript()
+    assert c.closed(), c.transcript()
+    finish(proxy, model, [("GET", "/ping", b"")], invocations=0)
+
+
+@pytest.mark.parametrize("server", SERVERS)
+def test_pipelined_connect_is_refused_and_nothing_after_it_is_read(serve: Callable[..., Proxy], model: Model, server: str) -> None:
+    proxy = serve(server)
+    c = Client(proxy.port)
+    c.send(post() + b"CONNECT evil:443 HTTP/1.1\r\nHost: evil:443\r\n\r\n" + post(b'{"smuggled": 1}') + b"\x16\x03\x01tls")
+    assert_ok(c.response(), c)
+    r = c.response()
+    assert r.status == 405 and b"close" in r.tokens(b"connection"), c.transcript()
+    assert c.closed(), c.transcript()
+    finish(proxy, model, [("POST", "/invocations", b'{"x": 1}')], invocations=1, method_not_allowed=1)
+
+
+@pytest.mark.parametrize("server", SERVERS)
+def test_options_asterisk_is_answered_by_the_proxy(serve: Callable[..., Proxy], model: Model, server: str) -> None:
+    """``OPTIONS *`` (asterisk-form, RFC 9112 3.2.4) is a valid request line: both servers hand it to the app,
+    which answers that only paths are proxied; the model never sees it."""
+    proxy = serve(server)
+    c = Client(proxy.port)
+    c.send(b"OPTIONS * HTTP/1.1\r\nHost: test\r\n\r\n")
+    r = c.response()
+    assert r.status == 400 and r.json() == {"error": "request target must be a path"}, c.transcript()
+    finish(proxy, model, [], invocations=0, malformed_request=1)

@@ -33,6 +33,9 @@ log = logging.getLogger("proxy.http")
 
 # Pause reading a request body while this much waits for the app.
 BODY_HIGH_WATER = 1024 * 1024
+# llhttp parses whatever it is fed, however many requests that holds: heads and chunked bodies are fed in
+# slices of this size, so that a client pipelining tiny requests makes at most a slice's worth of them wait.
+SLICE = 4096
 ASGI_INFO = {"version": "3.0", "spec_version": "2.3"}
 STATUS_LINES = {s.value: b"HTTP/1.1 %d %s\r\n" % (s.value, s.phrase.encode()) for s in http.HTTPStatus}
 NO_BODY_STATUSES = frozenset({204, 304})
@@ -51,6 +54,7 @@ class Limits:
     max_head_bytes: int = 64 * 1024  # the request line and all headers
     max_headers: int = 100
     max_connections: int = 10_000
+    write_timeout: float = 60.0  # without progress while a client is to read what is written to it
 
 
 class _Refusal(Exception):
@@ -61,7 +65,8 @@ class _Refusal(Exception):
 
 
 # What the connection's deadline is for; the ticker acts on it when it passes.
-_IDLE, _NEW, _HEAD, _BODY = range(4)
+_IDLE, _NEW, _HEAD, _BODY, _FLUSH = range(5)
+_TCP_INFO = getattr(socket, "TCP_INFO", None)  # Linux: tells a reset peer from a half-closed one
 
 
 class HttpServer:
@@ -112,10 +117,13 @@ class HttpServer:
             now = self.now = loop.time()
             # Deadlines were set from this coarse clock, up to a tick behind: one tick of grace so none fires early.
             due = now - self._tick
-            for conn in [c for c in self.connections if c.deadline <= due]:
-                conn.timed_out()
-            for conn in list(self.half_closed):
-                conn.check_peer()
+            try:
+                for conn in [c for c in self.connections if c.deadline <= due]:
+                    conn.timed_out()
+                for conn in list(self.half_closed):
+                    conn.check_peer()
+            except Exception:  # a defect here must not stop every timeout of the server
+                log.exception("front door: the timeout ticker failed")
 
 
 class _Cycle:
@@ -124,6 +132,7 @@ class _Cycle:
     __slots__ = (
         "body",
         "body_complete",
+        "body_left",
         "body_read",
         "body_size",
         "chunked",
@@ -154,6 +163,7 @@ class _Cycle:
         self.body: collections.deque[bytes] = collections.deque()
         self.body_size = 0
         self.body_complete = False
+        self.body_left = 0  # bytes of a Content-Length body still to come
         self.body_read = False  # the last http.request went to the app
         self.upgrade_body = False  # llhttp ended the message at an Upgrade head; its body follows (h2c)
         self.disconnected = False
@@ -246,7 +256,8 @@ class _Cycle:
         status = self.status
         self.head_written = True
         no_body = self.head_only or status in NO_BODY_STATUSES or status < 200
-        keep_alive = self.keep_alive and not self.conn.server.stopping
+        conn = self.conn
+        keep_alive = self.keep_alive and not conn.server.stopping and not (conn.eof and not conn.waiting and not conn.stash)
         if not self.body_complete:
             keep_alive = False  # the rest of the request body would be read as the next request
         length: int | None = None
@@ -314,7 +325,12 @@ class _Cycle:
 
 
 class _Connection(asyncio.Protocol):
-    """One client connection: parses requests with llhttp and runs the app for each, in order."""
+    """One client connection: parses requests with llhttp and runs the app for each, in order.
+
+    While a request whose body is complete is served, what the client sends next is kept unparsed (the
+    ``stash``, reading pauses past the head limit) and parsed once the response is written and the client
+    has read it: so pipelining holds one request ahead, not a read's worth of them.
+    """
 
     def __init__(self, server: HttpServer, loop: asyncio.AbstractEventLoop) -> None:
         self.server = server
@@ -330,16 +346,22 @@ class _Connection(asyncio.Protocol):
         self.task: asyncio.Task[None] | None = None
         self.ready: asyncio.Future[None] | None = None  # the task waits on it between requests
         self.reading: _Cycle | None = None  # the request whose body is being parsed
+        self.last: _Cycle | None = None  # the request whose head was parsed last
         self.waiting: collections.deque[_Cycle | Fault] = collections.deque()  # pipelined, in order
+        self.stash = bytearray()  # received while a complete request is served; parsed after its response
         self.url = b""
         self.headers: Headers = []
-        self.head_size = 0
+        self.head_size = 0  # the request line, headers and trailers parsed so far
+        self.trailers = 0
         self.in_head = False
-        self.raw_head_bytes = 0
+        self.unparsed = 0  # bytes fed since llhttp last handed anything over: what it may be holding
+        self.progressed = False
         self.synthetic = False  # parsing the made-up head that resumes an h2c request's body
         self.upgrade: bytes | None = None
         self.deadline = server.now + self.limits.head_timeout
         self.deadline_kind: int | None = _NEW
+        self.flush_left = 0  # the write buffer when a _FLUSH deadline was set: progress re-arms it
+        self.held = False  # a response is written but not read: the next request waits for the client
         self.done_reading = False  # a refusal or a tunnel: nothing more is parsed here
         self.paused = False
         self.write_paused = False
@@ -380,20 +402,20 @@ class _Connection(asyncio.Protocol):
         self._wake()
 
     def eof_received(self) -> bool:
-        """The client sent FIN. Over TCP a half-close (which still wants its answer) and a full close look
+        """The client sent FIN. Over TCP a half-close (which still wants its answers) and a full close look
         the same until we write: so an HTTP/1.1 request in progress gets an interim ``100 Continue``, which
-        a closed socket answers with a reset (found by ``check_peer``) and a half-closed one reads."""
+        a closed socket answers with a reset (found by ``check_peer``) and a half-closed one reads. What the
+        client sent before its FIN (pipelined, or kept unparsed) is still answered, then the connection closes."""
         reading = self.reading
         if reading is not None and not reading.body_complete:
             reading.lose()  # the body can never be completed
         active = self.active
-        pending = [c for c in (active, *self.waiting) if isinstance(c, _Cycle) and not c.disconnected]
-        if active is None or not pending:
+        if active is not None and active.disconnected:
+            return False
+        if active is None and not (self.held and (self.stash or self.waiting)):
             return False
         self.eof = True
-        for cycle in pending:
-            cycle.keep_alive = False
-        if not active.response_started and active.scope["http_version"] == "1.1":
+        if active is not None and not active.response_started and active.scope["http_version"] == "1.1":
             # HTTP/1.0 has no interim responses: there a closed client is found when the response is written.
             self.write(CONTINUE)
             self.server.half_closed.add(self)
@@ -406,7 +428,9 @@ class _Connection(asyncio.Protocol):
             return
         sock = self.transport.get_extra_info("socket")
         try:
-            gone = bool(sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)) or sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1)[0] == TCP_CLOSE
+            gone = bool(sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR))
+            if not gone and _TCP_INFO is not None:
+                gone = sock.getsockopt(socket.IPPROTO_TCP, _TCP_INFO, 1)[0] == TCP_CLOSE
         except OSError:
             gone = True
         if gone:
@@ -415,24 +439,10 @@ class _Connection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self.closed or self.done_reading:
             return
-        began_in_head = self.in_head
-        try:
-            self.parser.feed_data(data)
-        except httptools.HttpParserUpgrade as e:
-            self._upgraded(data[e.args[0]:] if e.args else b"")
-        except httptools.HttpParserCallbackError as e:
-            cause = e.__context__
-            self._refuse(cause.fault if isinstance(cause, _Refusal) else Fault.MALFORMED_REQUEST)
-            if not isinstance(cause, _Refusal):
-                log.exception("front door: parser callback failed")
-        except httptools.HttpParserError:
-            self._refuse(Fault.MALFORMED_REQUEST)
+        if self.stash or self._busy():
+            self._hold(data)
         else:
-            if self.in_head:
-                # llhttp holds a header line until it ends: bound the raw bytes of a head still arriving.
-                self.raw_head_bytes += len(data) if began_in_head else 0
-                if self.raw_head_bytes > self.limits.max_head_bytes:
-                    self._refuse(Fault.HEAD_TOO_LARGE)
+            self._feed(data)
 
     def pause_writing(self) -> None:
         self.write_paused = True
@@ -442,6 +452,8 @@ class _Connection(asyncio.Protocol):
         waiter = self.drain_waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
+        if self.held and not self.closed:
+            self._go_on()
 
     async def drained(self) -> None:
         if self.write_paused and not self.closed:
@@ -450,6 +462,70 @@ class _Connection(asyncio.Protocol):
                 await self.drain_waiter
             finally:
                 self.drain_waiter = None
+
+    # -- parsing -------------------------------------------------------------------------------
+
+    def _busy(self) -> bool:
+        """A request is served (or waits) and no body is being read: what comes next is the next request."""
+        return (self.active is not None or self.held or bool(self.waiting)) and self.reading is None
+
+    def _hold(self, data: bytes | memoryview) -> None:
+        self.stash += data
+        if len(self.stash) > self.limits.max_head_bytes:
+            self.pause_reading()
+
+    def _feed(self, data: bytes) -> None:
+        """Parse ``data``: a Content-Length body in one piece, anything else in slices, and stop at the
+        end of a request that is then served (the rest is held)."""
+        pos, end = 0, len(data)
+        view: memoryview | None = None
+        while pos < end:
+            if self.closed or self.done_reading:
+                return
+            if self._busy():
+                self._hold(data[pos:])
+                return
+            reading = self.reading
+            step = reading.body_left if reading is not None and reading.body_left else SLICE
+            piece: bytes | memoryview
+            if pos == 0 and end <= step:
+                piece = data
+            else:
+                view = view if view is not None else memoryview(data)
+                piece = view[pos:pos + step]
+            pos += len(piece)
+            rest = self._parse(piece)
+            if rest is not None:
+                pos -= len(piece) - rest
+                if self.closed or self.done_reading:
+                    return
+                self._upgraded()
+
+    def _parse(self, piece: bytes | memoryview) -> int | None:
+        """Feed llhttp one piece; returns where an Upgrade or CONNECT head ended in it, if one did."""
+        self.progressed = False
+        try:
+            self.parser.feed_data(piece)
+        except httptools.HttpParserUpgrade as e:
+            return int(e.args[0]) if e.args else len(piece)
+        except httptools.HttpParserCallbackError as e:
+            cause = e.__context__
+            self._refuse(cause.fault if isinstance(cause, _Refusal) else Fault.MALFORMED_REQUEST)
+            if not isinstance(cause, _Refusal):
+                log.exception("front door: parser callback failed")
+            return None
+        except httptools.HttpParserError:
+            self._refuse(Fault.MALFORMED_REQUEST)
+            return None
+        # llhttp holds a header line (or a trailer) until it ends: bound the raw bytes it may be holding.
+        if self.progressed:
+            self.unparsed = 0
+        else:
+            self.unparsed += len(piece)
+            held = self.unparsed + (self.head_size if self.in_head else 0)
+            if held > self.limits.max_head_bytes and (self.in_head or self.reading is not None):
+                self._refuse(Fault.HEAD_TOO_LARGE)
+        return None
 
     # -- parser callbacks ----------------------------------------------------------------------
 
@@ -460,7 +536,7 @@ class _Connection(asyncio.Protocol):
         self.url = b""
         self.headers = []
         self.head_size = 0
-        self.raw_head_bytes = 0
+        self.trailers = 0
         self.upgrade = None
         if self.active is None:
             self.set_deadline(_HEAD, self.limits.head_timeout)
@@ -468,15 +544,23 @@ class _Connection(asyncio.Protocol):
     def on_url(self, url: bytes) -> None:
         if self.synthetic:
             return
+        self.progressed = True
         self.url += url
         self.head_size += len(url)
         if self.head_size > self.limits.max_head_bytes:
             raise _Refusal(Fault.HEAD_TOO_LARGE)
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        if self.synthetic or not self.in_head:
-            return  # a made-up head, or a chunked body's trailers: never merged into the request's headers
+        if self.synthetic:
+            return
+        self.progressed = True
         self.head_size += len(name) + len(value) + 4
+        if not self.in_head:
+            # A chunked body's trailers: bounded with the head, never merged into the request's headers.
+            self.trailers += 1
+            if self.head_size > self.limits.max_head_bytes or self.trailers > self.limits.max_headers:
+                raise _Refusal(Fault.HEAD_TOO_LARGE)
+            return
         if self.head_size > self.limits.max_head_bytes or len(self.headers) >= self.limits.max_headers:
             raise _Refusal(Fault.HEAD_TOO_LARGE)
         name = name.lower()
@@ -487,6 +571,7 @@ class _Connection(asyncio.Protocol):
     def on_headers_complete(self) -> None:
         if self.synthetic:
             return
+        self.progressed = True
         self.in_head = False
         parser = self.parser
         version = parser.get_http_version()
@@ -499,6 +584,8 @@ class _Connection(asyncio.Protocol):
             raw_path, _, query = url.partition(b"?")
         elif method == "CONNECT":
             raw_path, query = b"/", b""  # the authority is never used: only the configured model is contacted
+        elif url == b"*" and method == "OPTIONS":
+            raw_path, query = b"*", b""  # the server as a whole (RFC 9110 7.1)
         else:
             try:
                 parsed = httptools.parse_url(url)
@@ -527,29 +614,38 @@ class _Connection(asyncio.Protocol):
         keep_alive = parser.should_keep_alive() and method != "CONNECT"
         expect = False
         has_body = False
+        length = 0
         for name, value in self.headers:
             if name == b"expect" and value.lower() == b"100-continue":
                 expect = True
-            elif (name == b"content-length" and value != b"0") or name == b"transfer-encoding":
+            elif name == b"content-length":
+                if value != b"0":
+                    has_body = True
+                    length = int(value)  # llhttp has checked it is one valid number
+            elif name == b"transfer-encoding":
                 has_body = True
         cycle = _Cycle(self, scope, keep_alive, expect and has_body and version == "1.1")
+        cycle.body_left = length
         if upgrading and method != "CONNECT" and has_body:
             cycle.upgrade_body = True  # llhttp stops at an Upgrade head; the body is parsed after it (h2c)
-        self.reading = cycle
-        if has_body and not cycle.continue_due:
-            self.set_deadline(_BODY, self.limits.body_timeout)
-        else:
-            self.set_deadline(None, 0)
-        if self.active is None and not self.waiting:
+        self.reading = self.last = cycle
+        if self.active is None and not self.waiting and not self.held:
+            if has_body and not cycle.continue_due:
+                self.set_deadline(_BODY, self.limits.body_timeout)
+            else:
+                self.set_deadline(None, 0)
             self._start(cycle)
         else:
-            self.waiting.append(cycle)
+            self.waiting.append(cycle)  # its body, if any, is read (and timed) when its turn comes
             self.pause_reading()
 
     def on_body(self, body: bytes) -> None:
         cycle = self.reading
         assert cycle is not None
+        self.progressed = True
         cycle.add_body(body)
+        if cycle.body_left:
+            cycle.body_left -= len(body)
         if cycle.body_size > BODY_HIGH_WATER:
             self.pause_reading()
         if self.deadline_kind == _BODY:
@@ -558,6 +654,7 @@ class _Connection(asyncio.Protocol):
     def on_message_complete(self) -> None:
         cycle = self.reading
         assert cycle is not None
+        self.progressed = True
         if cycle.upgrade_body and not self.synthetic:
             return
         self.synthetic = False
@@ -622,13 +719,22 @@ class _Connection(asyncio.Protocol):
                     self.response_done(cycle)
 
     def response_done(self, cycle: _Cycle) -> None:
-        """The response's last byte is written: close, or go on with the next request."""
+        """The response's last byte is written: close, or go on with the next request once the client reads."""
         if self.active is not cycle:
             return
         self.active = None
         if not cycle.keep_alive or self.closed:
             self.close()
-            return
+        elif self.write_paused:
+            # The client is not reading its answers: nothing more is parsed or served until it does.
+            self.held = True
+            self._await_flush()
+        else:
+            self._go_on()
+
+    def _go_on(self) -> None:
+        """The connection is free: the next pipelined request, what was held unparsed, or wait for more."""
+        self.held = False
         waiting = self.waiting
         if waiting:
             nxt = waiting.popleft()
@@ -636,14 +742,26 @@ class _Connection(asyncio.Protocol):
                 self._refuse(nxt)
                 return
             self._start(nxt)
-            if not waiting:
+            if not waiting and self.reading is not None:
+                self.resume_reading()  # its body is still to come
+                if not self.reading.continue_due:
+                    self.set_deadline(_BODY, self.limits.body_timeout)
+            elif not waiting and not self.stash:
                 self.resume_reading()
+            return
+        if self.stash:
+            stash, self.stash = bytes(self.stash), bytearray()
+            self._feed(stash)
+            if self.closed or self.done_reading or self.stash or self.waiting:
+                return
+        if self.active is not None:
+            self.resume_reading()
         elif self.eof or self.server.stopping:
             self.close()
         else:
             if self.in_head:
                 self.set_deadline(_HEAD, self.limits.head_timeout)
-            elif self.deadline_kind != _BODY:
+            elif self.reading is None:
                 self.set_deadline(_IDLE, self.limits.keep_alive_timeout)
             self.resume_reading()
 
@@ -651,6 +769,13 @@ class _Connection(asyncio.Protocol):
         """What the ticker acts on next; ``None``: nothing, while the app runs."""
         self.deadline_kind = kind
         self.deadline = float("inf") if kind is None else self.server.now + seconds
+
+    def _await_flush(self) -> None:
+        """The client is to read what is written, making progress within the write timeout."""
+        transport = self.transport
+        if transport is not None and transport.get_write_buffer_size():
+            self.flush_left = transport.get_write_buffer_size()
+            self.set_deadline(_FLUSH, self.limits.write_timeout)
 
     def timed_out(self) -> None:
         kind = self.deadline_kind
@@ -666,9 +791,15 @@ class _Connection(asyncio.Protocol):
         elif kind == _HEAD:
             self._refuse(Fault.HEAD_TIMEOUT)
         elif kind == _BODY:
-            cycle = self.reading
-            if cycle is not None:
+            if self.reading is not None:
                 self._refuse(Fault.BODY_TIMEOUT)
+        elif kind == _FLUSH:
+            left = self.transport.get_write_buffer_size() if self.transport is not None else 0
+            if left and left < self.flush_left:
+                self.flush_left = left  # slow, but reading: another write timeout
+                self.set_deadline(_FLUSH, self.limits.write_timeout)
+            elif left or self.held:
+                self.abort()
 
     def shut_down(self) -> None:
         """The server is stopping: idle connections close now, busy ones after their response."""
@@ -681,6 +812,7 @@ class _Connection(asyncio.Protocol):
         """Refuse the request being parsed: answered now, or after the responses still owed (pipelining)."""
         self.done_reading = True
         self.in_head = False
+        self.stash.clear()
         self.pause_reading()
         reading = self.reading
         if reading is not None and reading is not self.active and reading in self.waiting:
@@ -691,7 +823,7 @@ class _Connection(asyncio.Protocol):
             reading.keep_alive = False
             reading.lose(fault)
             return
-        if self.active is not None or self.waiting:
+        if self.active is not None or self.waiting or self.held:
             self.waiting.append(fault)
             return
         self.server.on_refused(fault)
@@ -700,14 +832,15 @@ class _Connection(asyncio.Protocol):
         else:
             self._answer(fault.status, error_body(fault.message), close=True)
 
-    def _upgraded(self, rest: bytes) -> None:
+    def _upgraded(self) -> None:
         """llhttp stopped at an Upgrade or CONNECT head. CONNECT is the app's to refuse, and nothing after it
         is read; any other upgrade (h2c) is ignored: the request is served as HTTP/1.1, its body and the next
         requests parsed by a fresh parser."""
-        cycle = self.reading if self.reading is not None else self.active
+        cycle = self.last
         if cycle is not None and cycle.scope["method"] == "CONNECT":
             cycle.keep_alive = False
             self.done_reading = True
+            self.stash.clear()
             self.pause_reading()
             return
         self.parser = httptools.HttpRequestParser(self)
@@ -719,9 +852,6 @@ class _Connection(asyncio.Protocol):
                 self.parser.feed_data(b"POST / HTTP/1.1\r\n%s\r\n\r\n" % framing)
             except httptools.HttpParserError:
                 self._refuse(Fault.MALFORMED_REQUEST)
-                return
-        if rest:
-            self.data_received(rest)
 
     # -- writing ------------------------------------------------------------------------------------
 
@@ -748,16 +878,21 @@ class _Connection(asyncio.Protocol):
         if not self.paused and not self.closed and self.transport is not None:
             self.paused = True
             self.transport.pause_reading()
+            if self.deadline_kind == _BODY:
+                self.deadline = float("inf")  # the client cannot send while we do not read
 
     def resume_reading(self) -> None:
         if self.paused and not self.closed and self.transport is not None and not self.waiting:
             self.paused = False
             self.transport.resume_reading()
+            if self.deadline_kind == _BODY:
+                self.deadline = self.server.now + self.limits.body_timeout
 
     def close(self) -> None:
         if not self.closed and self.transport is not None:
             self.closed = True
-            self.transport.close()  # after what is buffered has been written
+            self.transport.close()  # after what is buffered has been written, if the client reads it in time
+            self._await_flush()
 
     def abort(self) -> None:
         if self.transport is not None:
