@@ -9,6 +9,7 @@ from prometheus_client import CollectorRegistry
 
 from metrics import definitions as d
 from metrics import inmemory
+from metrics.inflight import InFlight
 from metrics.statistics import PeriodStatistics
 
 # CloudWatch metric names, looked up once.
@@ -90,9 +91,11 @@ class InvocationRecorder:
         reject_reasons: Sequence[str],
         upstream_error_reasons: Sequence[str],
         statistics: PeriodStatistics | None = None,
+        in_flight: InFlight | None = None,
     ) -> None:
         self._statistics = statistics
-        self._in_flight = 0
+        # ConcurrentRequestsPerModel for CloudWatch: this process's count, or with workers all of theirs.
+        self._in_flight = in_flight if in_flight is not None else InFlight()
         e, v = endpoint_name, variant_name
         m = metrics
         self._invocations = m.invocations.labels(e, v)
@@ -115,10 +118,10 @@ class InvocationRecorder:
 
     def invocation_started(self) -> None:
         self._concurrent.inc()
-        self._in_flight += 1
+        now = self._in_flight.add(1)
         stats = self._statistics
         if stats is not None:
-            stats.add(stats.current(), CONCURRENT, self._in_flight)
+            stats.add(stats.current(), CONCURRENT, now)
 
     def invocation_finished(
         self,
@@ -133,7 +136,7 @@ class InvocationRecorder:
         """One completed invocation: ``status`` is what the model returned, or the proxy's 502/504 when
         ``upstream_error`` names the reason the model call failed."""
         self._concurrent.dec()
-        self._in_flight -= 1
+        self._in_flight.add(-1)
         self._invocations.inc()
         self._per_instance.inc(1.0 / instances)
         is_4xx = is_5xx = False
@@ -184,7 +187,7 @@ class InvocationRecorder:
     def invocation_abandoned(self, *, instances: int) -> None:
         """The client went away while the model worked: an invocation, with no error class and no latency."""
         self._concurrent.dec()
-        self._in_flight -= 1
+        self._in_flight.add(-1)
         self._invocations.inc()
         self._per_instance.inc(1.0 / instances)
         self._client_disconnects.inc()

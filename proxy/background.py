@@ -12,14 +12,14 @@ import logging
 import socket
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry
 
 from metrics.cgroups import CgroupError
 from metrics.host import HostCollector, HostMonitor, HostSampler, open_sampler
 from metrics.statistics import PeriodStatistics
-from proxy.settings import ConfigError, MonitorSettings, Settings
+from proxy.settings import CloudWatchOptions, ConfigError, MonitorSettings, SamplingOptions, Settings
 
 if TYPE_CHECKING:
     from metrics.cloudwatch import CloudWatchPublisher, CloudWatchTarget
@@ -30,23 +30,6 @@ ENDPOINTS_NAMESPACE = "/aws/sagemaker/Endpoints"
 TRAINING_JOBS_NAMESPACE = "/aws/sagemaker/TrainingJobs"
 
 Dimensions = tuple[tuple[str, str], ...]
-
-
-class CloudWatchSettings(Protocol):
-    """The CloudWatch part of ``Settings`` and ``MonitorSettings``."""
-
-    @property
-    def cloudwatch(self) -> bool: ...
-    @property
-    def cloudwatch_period(self) -> int: ...
-    @property
-    def cloudwatch_region(self) -> str | None: ...
-    @property
-    def cloudwatch_endpoint_url(self) -> str | None: ...
-    @property
-    def cloudwatch_buffer_periods(self) -> int: ...
-    @property
-    def cloudwatch_flush_timeout(self) -> float: ...
 
 
 @dataclass(frozen=True)
@@ -67,23 +50,23 @@ class Host:
     stream: Stream
 
 
-def open_host_sampler(watch_cgroups: tuple[str, ...], model_dir: str) -> HostSampler:
+def open_host_sampler(sampling: SamplingOptions) -> HostSampler:
     """Raises ConfigError when a ``--watch-cgroup`` does not exist."""
     try:
-        return open_sampler(watch_cgroups=watch_cgroups, model_dir=model_dir)
+        return open_sampler(watch_cgroups=sampling.watch_cgroups, model_dir=sampling.model_dir)
     except CgroupError as e:
         raise ConfigError(f"--watch-cgroup: {e}") from None
 
 
 def endpoint_host(settings: Settings) -> Host | None:
     """Host ``[endpoint-name]/[variant-name]/[instance-id]``, also published by EndpointName and VariantName."""
-    if settings.sample_interval == 0:
+    if settings.sampling.interval == 0:
         return None
-    e, v = settings.endpoint_name, settings.variant_name
+    e, v = settings.endpoint_name, settings.variants[0].name
     host = f"{e}/{v}/{settings.instance_id or socket.gethostname()}"
     return Host(
-        open_host_sampler(settings.watch_cgroups, settings.model_dir),
-        settings.sample_interval,
+        open_host_sampler(settings.sampling),
+        settings.sampling.interval,
         {"endpoint_name": e, "variant_name": v, "host": host},
         Stream(ENDPOINTS_NAMESPACE, ((("Host", host),), (("EndpointName", e), ("VariantName", v)))),
     )
@@ -93,8 +76,8 @@ def training_host(settings: MonitorSettings) -> Host:
     """Host ``[training-job-name]/algo-[n]``, as SageMaker names a training job's instances."""
     host = f"{settings.training_job}/algo-{settings.host_index}"
     return Host(
-        open_host_sampler(settings.watch_cgroups, settings.model_dir),
-        settings.sample_interval,
+        open_host_sampler(settings.sampling),
+        settings.sampling.interval,
         {"host": host},
         Stream(TRAINING_JOBS_NAMESPACE, ((("Host", host),),)),
     )
@@ -110,25 +93,25 @@ class Background:
 
     def __init__(
         self,
-        settings: CloudWatchSettings,
+        cloudwatch: CloudWatchOptions,
         registry: CollectorRegistry,
         *,
         health_labels: Mapping[str, str],
         invocations: Mapping[str, Stream] | None = None,
         host: Host | None = None,
     ) -> None:
-        self._settings = settings
+        self._cloudwatch = settings = cloudwatch
         self.statistics: dict[str, PeriodStatistics] = {}
         self.monitor: HostMonitor | None = None
         self._publisher: CloudWatchPublisher | None = None
         self._tasks: list[asyncio.Task[None]] = []
         streams: list[tuple[PeriodStatistics, CloudWatchTarget]] = []
-        if settings.cloudwatch and invocations:
+        if settings.enabled and invocations:
             for variant, stream in invocations.items():
-                self.statistics[variant] = PeriodStatistics(settings.cloudwatch_period)
+                self.statistics[variant] = PeriodStatistics(settings.period)
                 streams.append((self.statistics[variant], self._target(stream)))
         if host is not None:
-            host_statistics = PeriodStatistics(settings.cloudwatch_period) if settings.cloudwatch else None
+            host_statistics = PeriodStatistics(settings.period) if settings.enabled else None
             monitor = self.monitor = HostMonitor(host.sampler, host.interval_s, host_statistics)
             registry.register(HostCollector(lambda: monitor.latest, host.labels))
             if host_statistics is not None:
@@ -139,22 +122,29 @@ class Background:
             (statistics, target), *also = streams
             self._publisher = CloudWatchPublisher(
                 statistics, target, PublisherHealth(registry, labels=health_labels),
-                buffer_periods=settings.cloudwatch_buffer_periods, also=also,
+                buffer_periods=settings.buffer_periods, also=also,
             )
 
     def _target(self, stream: Stream) -> CloudWatchTarget:
         from metrics.cloudwatch import CloudWatchTarget
 
         first, *more = stream.dimension_sets
-        s = self._settings
+        s = self._cloudwatch
         return CloudWatchTarget(
             namespace=stream.namespace,
             dimensions=first,
-            storage_resolution=1 if s.cloudwatch_period < 60 else 60,
-            region=s.cloudwatch_region,
-            endpoint_url=s.cloudwatch_endpoint_url,
+            storage_resolution=1 if s.period < 60 else 60,
+            region=s.region,
+            endpoint_url=s.endpoint_url,
             also_dimensions=tuple(more),
         )
+
+    async def __aenter__(self) -> Background:
+        self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
 
     def start(self) -> None:
         if self.monitor is not None:
@@ -168,4 +158,4 @@ class Background:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         if self._publisher is not None:
-            await self._publisher.flush(self._settings.cloudwatch_flush_timeout)
+            await self._publisher.flush(self._cloudwatch.flush_timeout)

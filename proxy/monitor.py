@@ -22,18 +22,15 @@ log = logging.getLogger("proxy")
 
 async def monitor(settings: MonitorSettings, admin_sock: socket.socket, host: Host) -> None:
     registry = CollectorRegistry()
-    background = Background(settings, registry, health_labels=host.labels, host=host)
+    background = Background(settings.cloudwatch, registry, health_labels=host.labels, host=host)
     server = listener(create_admin_app(lambda: registry), settings)
     stop_on_signals(server)
     log.info(
-        "sampling %s every %g s; metrics on %s:%d/metrics", host.labels["host"], settings.sample_interval,
+        "sampling %s every %g s; metrics on %s:%d/metrics", host.labels["host"], settings.sampling.interval,
         settings.host, settings.metrics_port,
     )
-    background.start()
-    try:
+    async with background:
         await server.serve(admin_sock)
-    finally:
-        await background.stop()
 
 
 def run(settings: MonitorSettings) -> None:

@@ -11,7 +11,7 @@ import shutil
 import signal
 import socket
 import tempfile
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping
 from multiprocessing.process import BaseProcess
 from typing import Protocol
 
@@ -22,20 +22,21 @@ from prometheus_client.registry import Collector
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from metrics import definitions as d
+from metrics.inflight import InFlight, SharedInFlight
 from metrics.inmemory import SharedFiles
 from metrics.recorder import InvocationMetrics
 from metrics.statistics import PeriodStatistics
 from proxy.admin import create_admin_app
 from proxy.app import ProxyApp
 from proxy.background import Background, Host, Stream, endpoint_host
-from proxy.balancer import BalancedUpstream
 from proxy.errors import Fault
 from proxy.http.server import HttpServer, Limits
 from proxy.settings import ConfigError, MonitorSettings, Settings
 from proxy.types import DISCONNECT_EXTENSION, ASGIApp
-from proxy.variants import Variants, build_variants, upstream_client
+from proxy.variants import VariantSet, build_variants
 
 log = logging.getLogger("proxy")
+IN_FLIGHT_FILE = "in_flight.cells"  # in the multiprocess directory; not *.db, which prometheus-client reads as metrics
 
 
 class Listener(Protocol):
@@ -143,23 +144,27 @@ def _background(settings: Settings, registry: CollectorRegistry, *, invocations:
     e = settings.endpoint_name
     streams = {v.name: Stream(settings.cloudwatch_namespace, ((("EndpointName", e), ("VariantName", v.name)),)) for v in settings.variants}
     return Background(
-        settings, registry,
-        health_labels={"endpoint_name": e, "variant_name": settings.variant_name},
+        settings.cloudwatch, registry,
+        health_labels={"endpoint_name": e, "variant_name": settings.variants[0].name},
         invocations=streams if invocations else None,
         host=host,
     )
 
 
 def _proxy_app(
-    settings: Settings, registry: CollectorRegistry, statistics: Mapping[str, PeriodStatistics], shared: SharedFiles | None = None
-) -> tuple[ProxyApp, Variants]:
+    settings: Settings,
+    registry: CollectorRegistry,
+    statistics: Mapping[str, PeriodStatistics],
+    shared: SharedFiles | None = None,
+    in_flight: Callable[[int], InFlight] = lambda column: InFlight(),
+) -> tuple[ProxyApp, VariantSet]:
     metrics = InvocationMetrics(
         registry,
         model_latency_buckets=settings.model_latency_buckets,
         overhead_latency_buckets=settings.overhead_latency_buckets,
         shared=shared,
     )
-    variants = build_variants(settings, metrics, statistics)
+    variants = build_variants(settings, metrics, statistics, in_flight=in_flight)
     app = ProxyApp(
         variants=variants.variants,
         invocation_routes=settings.invocation_routes,
@@ -172,7 +177,11 @@ def _proxy_app(
     return app, variants
 
 
-def stop_on_signals(*servers: Listener) -> None:
+class _Stoppable(Protocol):
+    def stop(self) -> None: ...
+
+
+def stop_on_signals(*servers: _Stoppable) -> None:
     def stop() -> None:
         for server in servers:
             server.stop()
@@ -182,6 +191,21 @@ def stop_on_signals(*servers: Listener) -> None:
         loop.add_signal_handler(sig, stop)
 
 
+@contextlib.asynccontextmanager
+async def serving(server: Listener, sock: socket.socket) -> AsyncIterator[Listener]:
+    """``server`` serves ``sock`` in the background until the block ends, then stops and drains."""
+    task = asyncio.create_task(server.serve(sock))
+    try:
+        yield server
+    finally:
+        server.stop()
+        await task
+
+
+# Each process role lists its long-lived pieces in an AsyncExitStack: started in order, stopped in reverse
+# once its main server returns (on SIGTERM or SIGINT, after draining).
+
+
 async def serve(settings: Settings, proxy_sock: socket.socket, admin_sock: socket.socket, host: Host | None = None) -> None:
     """One process: the proxy and the admin port in one loop, metrics in memory; ``host`` is sampled here too."""
     registry = CollectorRegistry()
@@ -189,23 +213,17 @@ async def serve(settings: Settings, proxy_sock: socket.socket, admin_sock: socke
     app, variants = _proxy_app(settings, registry, background.statistics)
     admin = create_admin_app(lambda: registry, variants.upstreams(), ping_path=settings.ping_path)
     proxy_server = listener(app, settings, on_refused=_count_refusals(variants))
-    admin_server = listener(admin, settings)
     # On SIGTERM the proxy port drains first; the admin port answers until the last invocation is recorded.
     stop_on_signals(proxy_server)
     _log_start(settings)
-    background.start()
-    variants.start()
-    admin_task = asyncio.create_task(admin_server.serve(admin_sock))
-    try:
+    async with contextlib.AsyncExitStack() as pieces:
+        await pieces.enter_async_context(variants)
+        await pieces.enter_async_context(background)  # its last CloudWatch period is flushed after the drain
+        await pieces.enter_async_context(serving(listener(admin, settings), admin_sock))
         await proxy_server.serve(proxy_sock)
-    finally:
-        admin_server.stop()
-        await admin_task
-        await background.stop()
-        await variants.close()
 
 
-def _count_refusals(variants: Variants) -> Callable[[Fault], None]:
+def _count_refusals(variants: VariantSet) -> Callable[[Fault], None]:
     """What the front door refuses before a variant is chosen counts on the first variant, as the app's refusals do."""
     recorder = variants.variants[0].recorder
     return lambda fault: recorder.rejected(fault.reason)
@@ -214,7 +232,7 @@ def _count_refusals(variants: Variants) -> Callable[[Fault], None]:
 def _log_start(settings: Settings) -> None:
     log.info(
         "proxying %s:%d -> %s for endpoint %s variant %s with %d worker(s); metrics on %s:%d/metrics",
-        settings.host, settings.port, settings.upstream, settings.endpoint_name, settings.variant_name,
+        settings.host, settings.port, settings.variants[0].upstreams[0], settings.endpoint_name, settings.variants[0].name,
         settings.workers, settings.host, settings.metrics_port,
     )
 
@@ -225,29 +243,31 @@ def _log_start(settings: Settings) -> None:
 # /metrics is one set.
 
 
-def _worker_main(settings: Settings, proxy_sock: socket.socket, multiproc_dir: str) -> None:
+def _worker_main(settings: Settings, proxy_sock: socket.socket, multiproc_dir: str, index: int) -> None:
     import uvloop
 
     setup_logging(settings)
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-        runner.run(_serve_worker(settings, proxy_sock, multiproc_dir))
+        runner.run(_serve_worker(settings, proxy_sock, multiproc_dir, index))
 
 
-async def _serve_worker(settings: Settings, proxy_sock: socket.socket, multiproc_dir: str) -> None:
+async def _serve_worker(settings: Settings, proxy_sock: socket.socket, multiproc_dir: str, index: int) -> None:
     # The invocation metrics are written lock-free to this worker's files in multiproc_dir; the CloudWatch
     # publisher's are prometheus-client's own, which PROMETHEUS_MULTIPROC_DIR (set before this process started) sends there too.
     registry = CollectorRegistry()
     background = _background(settings, registry, invocations=True, host=None)  # the supervisor samples the host
-    app, variants = _proxy_app(settings, registry, background.statistics, SharedFiles(multiproc_dir))
+    in_flight_path = os.path.join(multiproc_dir, IN_FLIGHT_FILE)
+    columns = len(settings.variants)
+    app, variants = _proxy_app(
+        settings, registry, background.statistics, SharedFiles(multiproc_dir),
+        lambda column: SharedInFlight(in_flight_path, index, column, columns),
+    )
     server = listener(app, settings, on_refused=_count_refusals(variants))
     stop_on_signals(server)
-    background.start()
-    variants.start()
-    try:
+    async with contextlib.AsyncExitStack() as pieces:
+        await pieces.enter_async_context(variants)
+        await pieces.enter_async_context(background)
         await server.serve(proxy_sock)
-    finally:
-        await background.stop()
-        await variants.close()
 
 
 class _WorkersAndSupervisor(Collector):
@@ -280,70 +300,84 @@ class _WorkersAndSupervisor(Collector):
         return families.values()
 
 
+class _Workers:
+    """The worker processes: started on entry, each restarted in its place (its row of the in-flight counters)
+    if it dies, terminated and joined on exit."""
+
+    def __init__(self, settings: Settings, proxy_sock: socket.socket, multiproc_dir: str) -> None:
+        self._settings = settings
+        self._proxy_sock = proxy_sock
+        self._multiproc_dir = multiproc_dir
+        self._context = multiprocessing.get_context("spawn")
+        self._workers: list[BaseProcess] = []
+        self._watch: asyncio.Task[None] | None = None
+        self.stopping = False
+
+    def stop(self) -> None:
+        """On SIGINT (which the workers get too) or SIGTERM: a worker exiting now is not replaced."""
+        self.stopping = True
+
+    def _start(self, index: int) -> BaseProcess:
+        worker = self._context.Process(
+            target=_worker_main, args=(self._settings, self._proxy_sock, self._multiproc_dir, index), name="sagemaker-metrics-proxy-worker"
+        )
+        worker.start()
+        return worker
+
+    async def __aenter__(self) -> _Workers:
+        self._workers = [self._start(i) for i in range(self._settings.workers)]
+        self._watch = asyncio.create_task(self._restart_dead())
+        return self
+
+    async def _restart_dead(self) -> None:
+        from prometheus_client import multiprocess
+
+        while True:
+            await asyncio.sleep(0.5)
+            for i, worker in enumerate(self._workers):
+                if not worker.is_alive() and not self.stopping:
+                    log.warning("worker %s exited with %s; starting another", worker.pid, worker.exitcode)
+                    multiprocess.mark_process_dead(worker.pid, self._multiproc_dir)
+                    self._workers[i] = self._start(i)
+
+    async def __aexit__(self, *exc: object) -> None:
+        from prometheus_client import multiprocess
+
+        if self._watch is not None:
+            self._watch.cancel()
+            await asyncio.gather(self._watch, return_exceptions=True)
+        for worker in self._workers:
+            worker.terminate()
+        for worker in self._workers:
+            await asyncio.to_thread(worker.join, 15)
+            multiprocess.mark_process_dead(worker.pid, self._multiproc_dir)
+
+
 async def _supervise(
     settings: Settings, proxy_sock: socket.socket, admin_sock: socket.socket, multiproc_dir: str, host: Host | None
 ) -> None:
-    from prometheus_client import multiprocess
-
     # Sampled once, here: in-memory metrics of the supervisor, merged with the workers' at every scrape.
     own = CollectorRegistry()
     background = _background(settings, own, invocations=False, host=host)
     merged = _WorkersAndSupervisor(multiproc_dir, own)
-    context = multiprocessing.get_context("spawn")
-
-    def start_worker() -> BaseProcess:
-        worker = context.Process(target=_worker_main, args=(settings, proxy_sock, multiproc_dir), name="sagemaker-metrics-proxy-worker")
-        worker.start()
-        return worker
 
     def collect() -> CollectorRegistry:
         registry = CollectorRegistry()
         registry.register(merged)
         return registry
 
-    workers = [start_worker() for _ in range(settings.workers)]
-    # The supervisor answers /readyz with clients of its own; the workers do the balancing. A balanced client
-    # needs its health loop running, or one refused ping (a model still starting) takes an instance out for good.
-    clients = [upstream_client(settings, spec) for spec in settings.variants]
-    health = [asyncio.create_task(c.run()) for c in clients if isinstance(c, BalancedUpstream)]
-    admin_server = listener(create_admin_app(collect, clients, ping_path=settings.ping_path), settings)
-    stopping = asyncio.Event()
-
-    def stop() -> None:
-        stopping.set()
-        admin_server.stop()
-
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop)
+    # /readyz: the supervisor's own clients, from the workers' builder, health loops running (a balanced client
+    # without its loop would take an instance out for good at one refused ping of a model still starting).
+    readiness = build_variants(settings, InvocationMetrics(CollectorRegistry()), {}, count=False)
+    admin_server = listener(create_admin_app(collect, readiness.upstreams(), ping_path=settings.ping_path), settings)
+    workers = _Workers(settings, proxy_sock, multiproc_dir)
+    stop_on_signals(workers, admin_server)
     _log_start(settings)
-    background.start()
-
-    async def restart_dead_workers() -> None:
-        while not stopping.is_set():
-            await asyncio.sleep(0.5)
-            for i, worker in enumerate(workers):
-                if not worker.is_alive() and not stopping.is_set():
-                    log.warning("worker %s exited with %s; starting another", worker.pid, worker.exitcode)
-                    multiprocess.mark_process_dead(worker.pid, multiproc_dir)
-                    workers[i] = start_worker()
-
-    supervisor = asyncio.create_task(restart_dead_workers())
-    try:
+    async with contextlib.AsyncExitStack() as pieces:
+        await pieces.enter_async_context(readiness)
+        await pieces.enter_async_context(background)
+        await pieces.enter_async_context(workers)
         await admin_server.serve(admin_sock)
-    finally:
-        supervisor.cancel()
-        for worker in workers:
-            worker.terminate()
-        for worker in workers:
-            await asyncio.to_thread(worker.join, 15)
-            multiprocess.mark_process_dead(worker.pid, multiproc_dir)
-        await background.stop()
-        for task in health:
-            task.cancel()
-        await asyncio.gather(*health, return_exceptions=True)
-        for client in clients:
-            await client.close()
 
 
 def setup_logging(settings: Settings | MonitorSettings) -> None:

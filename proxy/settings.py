@@ -7,6 +7,7 @@ No other module reads the environment. Each flag ``--some-flag`` can also be set
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import re
@@ -34,8 +35,8 @@ class ConfigError(ValueError):
 
 
 @dataclass(frozen=True)
-class VariantSpec:
-    """A production variant: its model instances and its share of the traffic."""
+class VariantConfig:
+    """A production variant as configured: its model instances and its share of the traffic."""
 
     name: str
     upstreams: tuple[str, ...]
@@ -43,55 +44,15 @@ class VariantSpec:
 
 
 @dataclass(frozen=True)
-class Settings:
-    upstream: str  # the first model instance of the first variant
-    endpoint_name: str
-    host: str = "0.0.0.0"
-    port: int = 8080
-    metrics_port: int = 9090
-    variant_name: str = "AllTraffic"
-    instance_count: int = 1
-    invocation_routes: frozenset[tuple[str, str]] = frozenset({("POST", "/invocations")})
-    max_payload_bytes: int = 6 * 1024 * 1024
-    invocation_timeout: float = 60.0
-    client_write_timeout: float = 60.0
-    upstream_idle_timeout: float = 4.0
-    max_concurrency: int = 0  # requests forwarded at once per process; 0: no limit
-    ping_path: str = "/ping"
-    model_latency_buckets: tuple[float, ...] = DEFAULT_MODEL_LATENCY_BUCKETS_US
-    overhead_latency_buckets: tuple[float, ...] = DEFAULT_OVERHEAD_LATENCY_BUCKETS_US
-    log_level: str = "info"
-    workers: int = 1
-    cloudwatch: bool = False
-    cloudwatch_namespace: str = "SageMakerProxy"
-    cloudwatch_period: int = 60
-    cloudwatch_region: str | None = None
-    cloudwatch_endpoint_url: str | None = None
-    cloudwatch_buffer_periods: int = 120
-    cloudwatch_flush_timeout: float = 10.0
-    sample_interval: float = 10.0  # seconds between host samples; 0: no instance metrics
-    watch_cgroups: tuple[str, ...] = ()
-    model_dir: str = "/opt/ml/model"
-    instance_id: str | None = None  # None: the hostname
-    # Several instances and variants; resolve() always fills variants, one per --variant or else
-    # one named --variant-name over the --upstream instances.
-    variants: tuple[VariantSpec, ...] = ()
-    instance_count_from: str = "static"  # static, upstreams, sagemaker, file:PATH or dns:NAME
-    instance_count_interval: float = 10.0
-    health_check_interval: float = 2.0
-    health_check_timeout: float = 2.0
-    unhealthy_threshold: int = 2
-    healthy_threshold: int = 1
-    sagemaker_endpoint_url: str | None = None
-    http_server: str = "builtin"  # the proxy port's server: builtin (proxy/http/server.py) or uvicorn
-    request_head_timeout: float = 10.0
-    keep_alive_timeout: float = 75.0
-    request_body_timeout: float = 60.0
-    max_request_head_bytes: int = 64 * 1024
-    max_request_headers: int = 100
-    max_connections: int = 10_000
-    # Benchmark-only: forward without recording metrics, to measure what recording costs.
-    record_metrics: bool = field(default=True)
+class CountSource:
+    """Where n of InvocationsPerInstance comes from: ``kind`` static, upstreams, sagemaker, file or dns;
+    ``arg`` the path or name of the last two."""
+
+    kind: str
+    arg: str = ""
+
+    def __str__(self) -> str:
+        return f"{self.kind}:{self.arg}" if self.arg else self.kind
 
 
 # -- value parsers: each takes the raw string and returns the value or raises ValueError(reason) ----------
@@ -137,7 +98,7 @@ def _upstreams(raw: str) -> list[str]:
     return [_upstream(part.strip()) for part in raw.split(",") if part.strip()] or [_upstream(raw)]
 
 
-def _variant(raw: str) -> VariantSpec:
+def _variant(raw: str) -> VariantConfig:
     name, eq, rest = raw.partition("=")
     urls, colon, weight = rest.rpartition(":")
     if not eq or not colon:
@@ -152,13 +113,13 @@ def _variant(raw: str) -> VariantSpec:
     # Every URL names its port, so "http://host:8081" can never be read as host on port 80, weight 8081.
     if any(urlsplit(u).port is None or u.count(":") < 2 for u in (p.strip() for p in urls.split(","))):
         raise ValueError(f"must be NAME=URL[,URL...]:WEIGHT with each URL as http://host:port, got {raw!r}")
-    return VariantSpec(_name(name), upstreams, share)
+    return VariantConfig(_name(name), upstreams, share)
 
 
-def _count_source(raw: str) -> str:
+def _count_source(raw: str) -> CountSource:
     kind, _, arg = raw.partition(":")
     if raw in ("static", "upstreams", "sagemaker") or (kind in ("file", "dns") and arg):
-        return raw
+        return CountSource(kind, arg)
     raise ValueError(f"must be static, upstreams, sagemaker, file:PATH or dns:NAME, got {raw!r}")
 
 
@@ -267,15 +228,24 @@ def _host_index(raw: str) -> int:
     return _int_between(1, 10_000)(raw.removeprefix("algo-"))
 
 
+# -- options: each declared once, on its settings field ------------------------------------------------------
+
+
 @dataclass(frozen=True)
 class Option:
+    """A flag, its environment variable and its parser: the metadata of one settings field."""
+
     flag: str
     parse: Callable[[str], Any]
     help: str
-    default: str | None = None
+    default: str | None = None  # as --help and the README show it; None: ``absent`` says what no value means
+    absent: str = ""
+    required: bool = False
     repeatable: bool = False
     env_separator: str = ","  # how a repeatable flag's values are separated in its environment variable
     switch: bool = False  # takes no value on the command line: present means true
+    collect: Callable[[list[Any]], Any] = tuple  # a repeatable flag's parsed values into the field's value
+    field: str = ""  # the field's path in the settings, such as cloudwatch.period (set by ``options``)
 
     @property
     def dest(self) -> str:
@@ -285,204 +255,278 @@ class Option:
     def env(self) -> str:
         return ENV_PREFIX + self.dest.upper()
 
+    @property
+    def shown_default(self) -> str:
+        """The default column of the README's flag table."""
+        if self.default is not None:
+            return f"`{self.default}`"
+        return "required" if self.required else self.absent
 
-SERVE_OPTIONS: tuple[Option, ...] = (
-    Option("--upstream", _upstreams, "model server to forward to, http://host:port; repeatable or a comma list for several instances (required, unless --variant)", repeatable=True),
-    Option("--endpoint-name", _name, "endpoint name for the EndpointName label and dimension (required)"),
-    Option("--variant-name", _name, "production variant name", "AllTraffic"),
-    Option("--host", str, "address to listen on, for both ports", "0.0.0.0"),
-    Option("--port", _int_between(1, 65535), "proxy port, where clients send requests", "8080"),
-    Option("--metrics-port", _int_between(1, 65535), "admin port: /metrics, /healthz, /readyz", "9090"),
-    Option("--instance-count", _int_between(1, 100_000), "live instances of the variant, the n of InvocationsPerInstance", "1"),
-    Option("--invocation-route", _route, "'METHOD /path' that counts as an invocation; repeatable, or a comma list in the environment", "POST /invocations", repeatable=True),
-    Option("--max-payload-bytes", _int_between(1, 1 << 40), "largest request body; larger ones get 413", str(6 * 1024 * 1024)),
-    Option("--invocation-timeout", _positive_float, "seconds to wait for the model's response head, and between body chunks; then 504", "60"),
-    Option("--client-write-timeout", _positive_float, "seconds a response may wait on a client that does not read, without progress; then the connection is closed and the invocation counts as a client disconnect", "60"),
-    Option("--upstream-idle-timeout", _positive_float, "seconds a pooled model connection may stay idle and still be reused; below the 5 s keep-alive of uvicorn, gunicorn and most model servers, so the model never closes one as it is reused", "4"),
-    Option("--max-concurrency", _int_between(0, 1_000_000), "requests forwarded at once per process before the rest get 503 at once; 0: no limit", "0"),
-    Option("--ping-path", _path, "the model's health check path, used by /readyz", "/ping"),
-    Option("--model-latency-buckets", _buckets, "ModelLatency histogram buckets, comma-separated microseconds", ",".join(f"{b:.0f}" for b in DEFAULT_MODEL_LATENCY_BUCKETS_US)),
-    Option("--overhead-latency-buckets", _buckets, "OverheadLatency histogram buckets, comma-separated microseconds", ",".join(f"{b:.0f}" for b in DEFAULT_OVERHEAD_LATENCY_BUCKETS_US)),
-    Option("--variant", _variant, "a production variant NAME=URL[,URL...]:WEIGHT; repeatable, space-separated in the environment; replaces --upstream and --variant-name", repeatable=True, env_separator=" "),
-    Option("--instance-count-from", _count_source, "where n of InvocationsPerInstance comes from: static (--instance-count), upstreams (healthy instances), sagemaker (DescribeEndpoint), file:PATH, dns:NAME", "static"),
-    Option("--instance-count-interval", _positive_float, "seconds between polls of the sagemaker and dns sources (a file is checked every second)", "10"),
-    Option("--health-check-interval", _positive_float, "seconds between pings of each model instance, with several instances or --instance-count-from upstreams", "2"),
-    Option("--health-check-timeout", _positive_float, "seconds a ping may take", "2"),
-    Option("--unhealthy-threshold", _int_between(1, 100), "failed pings that take an instance out", "2"),
-    Option("--healthy-threshold", _int_between(1, 100), "good pings that bring it back", "1"),
-    Option("--sagemaker-endpoint-url", _http_url, "SageMaker API endpoint for --instance-count-from sagemaker, for compatible services and tests"),
-    Option("--http-server", _http_server, "the proxy port's HTTP/1.1 server: builtin (bounded, faster) or uvicorn (the reference); the limits below are the builtin server's, but for --keep-alive-timeout", "builtin"),
-    Option("--request-head-timeout", _positive_float, "seconds for a request head to arrive, from its first byte (for a new connection, from accept); then 408, or a silent close if nothing came", "10"),
-    Option("--keep-alive-timeout", _positive_float, "seconds an idle keep-alive connection stays open between requests", "75"),
-    Option("--request-body-timeout", _positive_float, "seconds a request body may go without progress; then 408", "60"),
-    Option("--max-request-head-bytes", _int_between(1024, 1 << 24), "largest request line and headers together; larger heads get 431", str(64 * 1024)),
-    Option("--max-request-headers", _int_between(1, 10_000), "most request headers; more get 431", "100"),
-    Option("--max-connections", _int_between(1, 1_000_000), "open client connections per process; new ones past it are closed at once", "10000"),
-    Option("--workers", _int_between(1, 64), "worker processes sharing the proxy port; metrics are merged into one set", "1"),
-    Option("--cloudwatch", _bool, "publish the metrics to CloudWatch with PutMetricData", "false", switch=True),
-    Option("--cloudwatch-namespace", _namespace, "CloudWatch namespace for the invocation metrics; not AWS/...", "SageMakerProxy"),
-    Option("--cloudwatch-period", _period, "seconds per statistic set: 60, or 1, 5, 10, 30 for high resolution", "60"),
-    Option("--cloudwatch-region", str, "AWS region (default: boto3's chain, e.g. AWS_REGION)"),
-    Option("--cloudwatch-endpoint-url", _http_url, "CloudWatch endpoint, for compatible services and tests"),
-    Option("--cloudwatch-buffer-periods", _int_between(1, 100_000), "ended periods kept while CloudWatch is unreachable; the oldest are dropped beyond", "120"),
-    Option("--cloudwatch-flush-timeout", _positive_float, "seconds allowed at shutdown to publish the last partial period", "10"),
-    Option("--sample-interval", _interval(allow_off=True), "seconds between samples of the instance metrics (CPU, memory, GPU, disk); 0: off", "10"),
-    Option("--watch-cgroup", _cgroup, "another container's cgroup, as /proc/PID/cgroup shows it, whose CPU and memory add to the instance metrics; repeatable, or a comma list in the environment", repeatable=True),
-    Option("--model-dir", _path, "the model's directory: DiskUtilization is of the file system that holds it (or of / while it does not exist)", "/opt/ml/model"),
-    Option("--instance-id", _instance_id, "this instance in the Host dimension, [endpoint]/[variant]/[instance-id] (default: the hostname)"),
-    Option("--log-level", _log_level, "log level: " + ", ".join(LOG_LEVELS), "info"),
-)
-REQUIRED = ("endpoint_name", "training_job")
-_SHARED = {option.flag: option for option in SERVE_OPTIONS}
-MONITOR_OPTIONS: tuple[Option, ...] = (
-    Option("--training-job", _name, "the training job's name, for the Host dimension [training-job]/algo-[n] (default: $TRAINING_JOB_NAME)"),
-    Option("--host-index", _host_index, "n of algo-n, this host of the job (default: current_host of SageMaker's resourceconfig.json, else 1)"),
-    _SHARED["--host"],
-    _SHARED["--metrics-port"],
-    Option("--sample-interval", _interval(allow_off=False), "seconds between samples of the instance metrics", "10"),
-    _SHARED["--watch-cgroup"],
-    _SHARED["--model-dir"],
-    _SHARED["--cloudwatch"],
-    _SHARED["--cloudwatch-period"],
-    _SHARED["--cloudwatch-region"],
-    _SHARED["--cloudwatch-endpoint-url"],
-    _SHARED["--cloudwatch-buffer-periods"],
-    _SHARED["--cloudwatch-flush-timeout"],
-    _SHARED["--log-level"],
-)
+
+_MISSING: Any = object()
+
+
+def _show(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float):
+        return f"{value:g}"
+    return str(value)
+
+
+def option(
+    flag: str,
+    parse: Callable[[str], Any],
+    help: str,
+    default: Any = _MISSING,
+    *,
+    shown: str | None = None,
+    absent: str = "",
+    repeatable: bool = False,
+    env_separator: str = ",",
+    switch: bool = False,
+    collect: Callable[[list[Any]], Any] = tuple,
+) -> Any:
+    """A settings field with its flag: ``default`` is the field's value when neither flag nor environment
+    gives one (none: the option is required)."""
+    required = default is _MISSING
+    if shown is None and not required and default is not None and not absent:
+        shown = _show(default)
+    meta = Option(flag, parse, help, shown, absent, required, repeatable, env_separator, switch, collect)
+    if required:
+        return field(metadata={"option": meta})
+    return field(default=default, metadata={"option": meta})
+
+
+def group(cls: type) -> Any:
+    """A field holding a group of options shared by several commands, such as ``CloudWatchOptions``."""
+    return field(default_factory=cls, metadata={"group": cls})
+
+
+def options(cls: type, prefix: str = "") -> tuple[Option, ...]:
+    """The options of a settings class, groups included, in declaration order."""
+    out: list[Option] = []
+    for f in dataclasses.fields(cls):
+        if "group" in f.metadata:
+            out.extend(options(f.metadata["group"], f"{prefix}{f.name}."))
+        elif "option" in f.metadata:
+            out.append(dataclasses.replace(f.metadata["option"], field=prefix + f.name))
+    return tuple(out)
+
+
+def _log_level_option() -> Any:
+    return option("--log-level", _log_level, "log level: " + ", ".join(f"`{level}`" for level in LOG_LEVELS), "info")
+
+
+@dataclass(frozen=True)
+class CloudWatchOptions:
+    """Publishing to CloudWatch: the same flags for ``serve`` and ``monitor``."""
+
+    enabled: bool = option("--cloudwatch", _bool, "publish the metrics to CloudWatch with PutMetricData (`true`/`false` in the environment)", False, absent="off", switch=True)
+    period: int = option("--cloudwatch-period", _period, "seconds per statistic set: 60, or 1, 5, 10, 30 for high-resolution metrics", 60)
+    region: str | None = option("--cloudwatch-region", str, "AWS region, e.g. from `AWS_REGION`", None, absent="boto3's chain")
+    endpoint_url: str | None = option("--cloudwatch-endpoint-url", _http_url, "CloudWatch endpoint, for compatible services and tests", None, absent="AWS")
+    buffer_periods: int = option("--cloudwatch-buffer-periods", _int_between(1, 100_000), "ended periods kept while CloudWatch is unreachable; the oldest are dropped beyond", 120)
+    flush_timeout: float = option("--cloudwatch-flush-timeout", _positive_float, "seconds allowed at shutdown to publish the last partial period", 10.0)
+
+
+@dataclass(frozen=True)
+class SamplingOptions:
+    """Sampling the instance metrics (CPU, memory, GPU, disk): the same flags for ``serve`` and ``monitor``."""
+
+    interval: float = option("--sample-interval", _interval(allow_off=True), "seconds between samples of the instance metrics, 0.1 to 3600; `0` turns them off (not for `monitor`)", 10.0)
+    watch_cgroups: tuple[str, ...] = option(
+        "--watch-cgroup", _cgroup,
+        "another container's cgroup, as `/proc/PID/cgroup` shows it, whose CPU and memory add to the instance metrics; repeatable, a comma list in the environment",
+        (), absent="none", repeatable=True,
+    )
+    model_dir: str = option("--model-dir", _path, "the model's directory: DiskUtilization is of the file system that holds it (or of `/` while it does not exist)", "/opt/ml/model")
+
+
+def _flatten(values: list[list[str]]) -> tuple[str, ...]:
+    return tuple(url for urls in values for url in urls)
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The ``serve`` command."""
+
+    endpoint_name: str = option("--endpoint-name", _name, "the `endpoint_name` label and EndpointName dimension")
+    # The model instances: --upstream with --variant-name (one variant), or --variant (several); read ``variants``.
+    upstream: tuple[str, ...] = option(
+        "--upstream", _upstreams, "the model server, `http://host:port`; repeatable or a comma list for several instances",
+        (), absent="required, unless `--variant`", repeatable=True, collect=_flatten,
+    )
+    variant_name: str = option("--variant-name", _name, "the `variant_name` label and `x-Amzn-Invoked-Production-Variant`", "AllTraffic")
+    variant: tuple[VariantConfig, ...] = option(
+        "--variant", _variant,
+        "a production variant `NAME=URL[,URL...]:WEIGHT`, each URL with its port; repeatable, space-separated in the environment; replaces `--upstream` and `--variant-name`",
+        (), absent="none", repeatable=True, env_separator=" ",
+    )
+    host: str = option("--host", str, "address both ports listen on", "0.0.0.0")
+    port: int = option("--port", _int_between(1, 65535), "proxy port, where clients send requests", 8080)
+    metrics_port: int = option("--metrics-port", _int_between(1, 65535), "admin port: `/metrics`, `/healthz`, `/readyz`", 9090)
+    instance_count: int = option("--instance-count", _int_between(1, 100_000), "n of InvocationsPerInstance, with `--instance-count-from static`", 1)
+    instance_count_from: CountSource = option(
+        "--instance-count-from", _count_source,
+        "where n of InvocationsPerInstance comes from: `static`, `upstreams` (healthy instances), `sagemaker` (DescribeEndpoint), `file:PATH` or `dns:NAME`",
+        CountSource("static"),
+    )
+    instance_count_interval: float = option("--instance-count-interval", _positive_float, "seconds between polls of `sagemaker` and `dns` (a file is checked every second)", 10.0)
+    health_check_interval: float = option("--health-check-interval", _positive_float, "seconds between pings of each instance (several instances, or `upstreams`)", 2.0)
+    health_check_timeout: float = option("--health-check-timeout", _positive_float, "seconds a ping may take", 2.0)
+    unhealthy_threshold: int = option("--unhealthy-threshold", _int_between(1, 100), "failed pings that take an instance out", 2)
+    healthy_threshold: int = option("--healthy-threshold", _int_between(1, 100), "good pings that bring it back", 1)
+    sagemaker_endpoint_url: str | None = option("--sagemaker-endpoint-url", _http_url, "SageMaker API for `--instance-count-from sagemaker`, for compatible services and tests", None, absent="AWS")
+    invocation_routes: frozenset[tuple[str, str]] = option(
+        "--invocation-route", _route,
+        "'METHOD /path' that counts as an invocation; repeatable, a comma list in the environment, e.g. `POST /invocations,POST /v1/chat/completions`",
+        frozenset({("POST", "/invocations")}), shown="POST /invocations", repeatable=True, collect=frozenset,
+    )
+    max_payload_bytes: int = option("--max-payload-bytes", _int_between(1, 1 << 40), "larger request bodies get 413", 6 * 1024 * 1024)
+    invocation_timeout: float = option("--invocation-timeout", _positive_float, "seconds waiting on the model: to the response head, and between body chunks (time blocked on a slow client does not count); then 504", 60.0)
+    client_write_timeout: float = option(
+        "--client-write-timeout", _positive_float,
+        "seconds a response may wait on a client that does not read, without progress; then the connection is closed and the invocation is a client disconnect",
+        60.0,
+    )
+    upstream_idle_timeout: float = option(
+        "--upstream-idle-timeout", _positive_float,
+        "seconds a pooled model connection may stay idle and be reused; below the 5 s keep-alive of uvicorn, gunicorn and most model servers",
+        4.0,
+    )
+    max_concurrency: int = option("--max-concurrency", _int_between(0, 1_000_000), "requests forwarded at once per process (per worker); beyond it, 503 at once; `0`: no limit", 0)
+    ping_path: str = option("--ping-path", _path, "the model's health check, used by `/readyz`", "/ping")
+    model_latency_buckets: tuple[float, ...] = option(
+        "--model-latency-buckets", _buckets, "ModelLatency histogram buckets, comma-separated microseconds",
+        DEFAULT_MODEL_LATENCY_BUCKETS_US, shown=",".join(f"{b:.0f}" for b in DEFAULT_MODEL_LATENCY_BUCKETS_US),
+    )
+    overhead_latency_buckets: tuple[float, ...] = option(
+        "--overhead-latency-buckets", _buckets, "OverheadLatency histogram buckets, comma-separated microseconds",
+        DEFAULT_OVERHEAD_LATENCY_BUCKETS_US, shown=",".join(f"{b:.0f}" for b in DEFAULT_OVERHEAD_LATENCY_BUCKETS_US),
+    )
+    http_server: str = option("--http-server", _http_server, "the proxy port's server: `builtin` (see the front door) or `uvicorn`, the reference, without the limits below but `--keep-alive-timeout`", "builtin")
+    request_head_timeout: float = option(
+        "--request-head-timeout", _positive_float,
+        "seconds for a request head to arrive, from its first byte (for a new connection, from accept); then 408, or a silent close if nothing came",
+        10.0,
+    )
+    keep_alive_timeout: float = option("--keep-alive-timeout", _positive_float, "seconds an idle keep-alive connection stays open; above the 60 s of common load balancers, so they close first", 75.0)
+    request_body_timeout: float = option("--request-body-timeout", _positive_float, "seconds a request body may go without progress; then 408", 60.0)
+    max_request_head_bytes: int = option("--max-request-head-bytes", _int_between(1024, 1 << 24), "the request line and headers together (and a chunked body's trailers); larger heads get 431", 64 * 1024)
+    max_request_headers: int = option("--max-request-headers", _int_between(1, 10_000), "most request headers (and trailers); more get 431", 100)
+    max_connections: int = option("--max-connections", _int_between(1, 1_000_000), "open client connections per process (per worker); new ones past it are closed at once", 10_000)
+    workers: int = option("--workers", _int_between(1, 64), "worker processes sharing the proxy port; metrics are merged into one set", 1)
+    cloudwatch_namespace: str = option("--cloudwatch-namespace", _namespace, "CloudWatch namespace for the invocation metrics; refused if it starts with `AWS/`", "SageMakerProxy")
+    cloudwatch: CloudWatchOptions = group(CloudWatchOptions)
+    sampling: SamplingOptions = group(SamplingOptions)
+    instance_id: str | None = option("--instance-id", _instance_id, "this instance in the Host dimension, `[endpoint]/[variant]/[instance-id]`", None, absent="the hostname")
+    log_level: str = _log_level_option()
+    # Benchmark-only (--no-record-metrics, not shown): forward without recording metrics, to measure what recording costs.
+    record_metrics: bool = True
+
+    @property
+    def variants(self) -> tuple[VariantConfig, ...]:
+        """The production variants: each --variant, or one named --variant-name over the --upstream instances."""
+        return self.variant or (VariantConfig(self.variant_name, self.upstream),)
+
+    def check(self) -> None:
+        """The rules between fields. Raises ConfigError."""
+        if self.port == self.metrics_port:
+            raise ConfigError(f"--port and --metrics-port must differ, both are {self.port}")
+        if self.variant and self.upstream:
+            raise ConfigError("--upstream and --variant exclude each other: give the instances of each variant in --variant NAME=URL[,URL...]:WEIGHT")
+        names = [v.name for v in self.variant]
+        if len(set(names)) != len(names):
+            raise ConfigError(f"--variant: each variant needs its own name, got {', '.join(names)}")
 
 
 @dataclass(frozen=True)
 class MonitorSettings:
     """The ``monitor`` command: instance metrics of one host of a training job, with no proxy."""
 
-    training_job: str
-    host_index: int = 1
-    host: str = "0.0.0.0"
-    metrics_port: int = 9090
-    sample_interval: float = 10.0
-    watch_cgroups: tuple[str, ...] = ()
-    model_dir: str = "/opt/ml/model"
-    cloudwatch: bool = False
-    cloudwatch_period: int = 60
-    cloudwatch_region: str | None = None
-    cloudwatch_endpoint_url: str | None = None
-    cloudwatch_buffer_periods: int = 120
-    cloudwatch_flush_timeout: float = 10.0
-    log_level: str = "info"
+    training_job: str = option("--training-job", _name, "the training job's name, for the Host dimension `[training-job]/algo-[n]`; else `TRAINING_JOB_NAME`")
+    host_index: int = option("--host-index", _host_index, "n of algo-n, this host of the job; else `current_host` of SageMaker's `resourceconfig.json`", 1)
+    host: str = option("--host", str, "address the metrics port listens on", "0.0.0.0")
+    metrics_port: int = option("--metrics-port", _int_between(1, 65535), "`/metrics`, `/healthz`", 9090)
+    cloudwatch: CloudWatchOptions = group(CloudWatchOptions)
+    sampling: SamplingOptions = group(SamplingOptions)
+    log_level: str = _log_level_option()
+
+    def check(self) -> None:
+        if self.sampling.interval == 0:
+            raise ConfigError("--sample-interval: must be between 0.1 and 3600 seconds for monitor, got 0")
+
+
+SERVE_OPTIONS = options(Settings)
+MONITOR_OPTIONS = options(MonitorSettings)
 
 
 def add_options(parser: argparse.ArgumentParser, options: Sequence[Option], *, benchmark_switch: bool = True) -> None:
     """Declare the flags; values stay raw strings here and are parsed once in ``resolve``."""
-    for option in options:
-        default_text = f" (default {option.default})" if option.default is not None else ""
-        help_text = f"{option.help}{default_text} [env {option.env}]"
-        if option.repeatable:
-            parser.add_argument(option.flag, dest=option.dest, action="append", help=help_text)
-        elif option.switch:
-            parser.add_argument(option.flag, dest=option.dest, action="store_const", const="true", help=help_text)
+    for opt in options:
+        default_text = f" (default {opt.default})" if opt.default is not None else (f" (default: {opt.absent})" if opt.absent else "")
+        help_text = f"{opt.help}{default_text} [env {opt.env}]".replace("%", "%%").replace("`", "")
+        if opt.required:
+            help_text += " (required)"
+        if opt.repeatable:
+            parser.add_argument(opt.flag, dest=opt.dest, action="append", help=help_text)
+        elif opt.switch:
+            parser.add_argument(opt.flag, dest=opt.dest, action="store_const", const="true", help=help_text)
         else:
-            parser.add_argument(option.flag, dest=option.dest, help=help_text)
+            parser.add_argument(opt.flag, dest=opt.dest, help=help_text)
     if benchmark_switch:  # benchmark-only; not part of the user-facing flags
         parser.add_argument("--no-record-metrics", dest="record_metrics", action="store_false", help=argparse.SUPPRESS)
 
 
-def _values(
-    args: argparse.Namespace, environ: Mapping[str, str], options: Sequence[Option], fallbacks: Mapping[str, tuple[str, str]] | None = None
-) -> dict[str, Any]:
-    """Flags, then environment, then ``fallbacks`` (dest: (source, raw value)), then defaults; every value
-    parsed and checked. Raises ConfigError."""
+def _values(cls: type, args: argparse.Namespace, environ: Mapping[str, str], fallbacks: Mapping[str, tuple[str, str]], missing: list[str]) -> dict[str, Any]:
+    """The given values of ``cls``'s options (a dict per group): each from its flag, else its environment
+    variable, else ``fallbacks`` (dest: (source, raw value)); those given nowhere keep the field's default.
+    Raises ConfigError for a bad value; names the required options given nowhere in ``missing``."""
     values: dict[str, Any] = {}
-    for option in options:
-        given = getattr(args, option.dest, None)
-        source = option.flag
-        if given is None and option.env in environ:
-            env_value = environ[option.env]
-            given = env_value.split(option.env_separator) if option.repeatable else env_value
-            source = option.env
-        if given is None and fallbacks and option.dest in fallbacks:
-            source, given = fallbacks[option.dest]
+    for f in dataclasses.fields(cls):
+        if "group" in f.metadata:
+            values[f.name] = _values(f.metadata["group"], args, environ, fallbacks, missing)
+            continue
+        opt: Option | None = f.metadata.get("option")
+        if opt is None:
+            continue
+        given = getattr(args, opt.dest, None)
+        source = opt.flag
+        if given is None and opt.env in environ:
+            given = environ[opt.env].split(opt.env_separator) if opt.repeatable else environ[opt.env]
+            source = opt.env
+        if given is None and opt.dest in fallbacks:
+            source, given = fallbacks[opt.dest]
         if given is None:
-            if option.dest in REQUIRED:
-                also = ", or TRAINING_JOB_NAME as SageMaker does" if option.dest == "training_job" else ""
-                raise ConfigError(f"{option.flag} is required (or set {option.env}{also})")
-            if option.default is None:
-                continue
-            given = [option.default] if option.repeatable else option.default
-            source = f"default of {option.flag}"
+            if opt.required:
+                also = ", or TRAINING_JOB_NAME as SageMaker does" if opt.dest == "training_job" else ""
+                missing.append(f"{opt.flag} is required (or set {opt.env}{also})")
+            continue
         try:
-            if isinstance(given, list):
-                values[option.dest] = [option.parse(v) for v in given]
-            else:
-                values[option.dest] = option.parse(given)
+            values[f.name] = opt.collect([opt.parse(v) for v in given]) if opt.repeatable else opt.parse(given)
         except ValueError as e:
             raise ConfigError(f"{source}: {e}") from None
     return values
 
 
-def resolve(args: argparse.Namespace, environ: Mapping[str, str], options: Sequence[Option] = SERVE_OPTIONS) -> Settings:
-    """The ``serve`` settings: flags, then environment, then defaults. Raises ConfigError."""
-    values = _values(args, environ, options)
-    if values["port"] == values["metrics_port"]:
-        raise ConfigError(f"--port and --metrics-port must differ, both are {values['port']}")
-    upstreams = tuple(url for urls in values.get("upstream", ()) for url in urls)
-    variants: tuple[VariantSpec, ...] = tuple(values.get("variant", ()))
-    if variants and upstreams:
-        raise ConfigError("--upstream and --variant exclude each other: give the instances of each variant in --variant NAME=URL[,URL...]:WEIGHT")
-    if not variants and not upstreams:
-        raise ConfigError("--upstream is required (or set SAGEMAKER_PROXY_UPSTREAM), or give --variant")
-    if not variants:
-        variants = (VariantSpec(values["variant_name"], upstreams),)
-    names = [v.name for v in variants]
-    if len(set(names)) != len(names):
-        raise ConfigError(f"--variant: each variant needs its own name, got {', '.join(names)}")
-    return Settings(
-        upstream=variants[0].upstreams[0],
-        variants=variants,
-        instance_count_from=values["instance_count_from"],
-        instance_count_interval=values["instance_count_interval"],
-        health_check_interval=values["health_check_interval"],
-        health_check_timeout=values["health_check_timeout"],
-        unhealthy_threshold=values["unhealthy_threshold"],
-        healthy_threshold=values["healthy_threshold"],
-        sagemaker_endpoint_url=values.get("sagemaker_endpoint_url"),
-        endpoint_name=values["endpoint_name"],
-        host=values["host"],
-        port=values["port"],
-        metrics_port=values["metrics_port"],
-        variant_name=variants[0].name,
-        instance_count=values["instance_count"],
-        invocation_routes=frozenset(values["invocation_route"]),
-        max_payload_bytes=values["max_payload_bytes"],
-        invocation_timeout=values["invocation_timeout"],
-        client_write_timeout=values["client_write_timeout"],
-        upstream_idle_timeout=values["upstream_idle_timeout"],
-        max_concurrency=values["max_concurrency"],
-        ping_path=values["ping_path"],
-        model_latency_buckets=values["model_latency_buckets"],
-        overhead_latency_buckets=values["overhead_latency_buckets"],
-        log_level=values["log_level"],
-        workers=values["workers"],
-        cloudwatch=values["cloudwatch"],
-        cloudwatch_namespace=values["cloudwatch_namespace"],
-        cloudwatch_period=values["cloudwatch_period"],
-        cloudwatch_region=values.get("cloudwatch_region"),
-        cloudwatch_endpoint_url=values.get("cloudwatch_endpoint_url"),
-        cloudwatch_buffer_periods=values["cloudwatch_buffer_periods"],
-        cloudwatch_flush_timeout=values["cloudwatch_flush_timeout"],
-        sample_interval=values["sample_interval"],
-        watch_cgroups=tuple(values.get("watch_cgroup", ())),
-        model_dir=values["model_dir"],
-        instance_id=values.get("instance_id"),
-        http_server=values["http_server"],
-        request_head_timeout=values["request_head_timeout"],
-        keep_alive_timeout=values["keep_alive_timeout"],
-        request_body_timeout=values["request_body_timeout"],
-        max_request_head_bytes=values["max_request_head_bytes"],
-        max_request_headers=values["max_request_headers"],
-        max_connections=values["max_connections"],
-        record_metrics=getattr(args, "record_metrics", True),
-    )
+def _make(cls: type, values: dict[str, Any]) -> Any:
+    groups = {f.name: _make(f.metadata["group"], values[f.name]) for f in dataclasses.fields(cls) if "group" in f.metadata}
+    return cls(**{**values, **groups})
+
+
+def resolve(args: argparse.Namespace, environ: Mapping[str, str]) -> Settings:
+    """The ``serve`` settings: flags, then environment, then defaults; every missing required flag named at
+    once. Raises ConfigError."""
+    missing: list[str] = []
+    values = _values(Settings, args, environ, {}, missing)
+    if not values.get("upstream") and not values.get("variant"):
+        missing.append("--upstream is required (or set SAGEMAKER_PROXY_UPSTREAM), or give --variant")
+    if missing:
+        raise ConfigError("; ".join(missing))
+    settings: Settings = _make(Settings, {**values, "record_metrics": getattr(args, "record_metrics", True)})
+    settings.check()
+    return settings
 
 
 def training_environment(environ: Mapping[str, str], resource_config: Path = RESOURCE_CONFIG) -> dict[str, tuple[str, str]]:
@@ -504,20 +548,34 @@ def training_environment(environ: Mapping[str, str], resource_config: Path = RES
 
 def resolve_monitor(args: argparse.Namespace, environ: Mapping[str, str], resource_config: Path = RESOURCE_CONFIG) -> MonitorSettings:
     """The ``monitor`` settings: flags, then environment, then SageMaker's training environment, then defaults."""
-    values = _values(args, environ, MONITOR_OPTIONS, training_environment(environ, resource_config))
-    return MonitorSettings(
-        training_job=values["training_job"],
-        host_index=values.get("host_index", 1),
-        host=values["host"],
-        metrics_port=values["metrics_port"],
-        sample_interval=values["sample_interval"],
-        watch_cgroups=tuple(values.get("watch_cgroup", ())),
-        model_dir=values["model_dir"],
-        cloudwatch=values["cloudwatch"],
-        cloudwatch_period=values["cloudwatch_period"],
-        cloudwatch_region=values.get("cloudwatch_region"),
-        cloudwatch_endpoint_url=values.get("cloudwatch_endpoint_url"),
-        cloudwatch_buffer_periods=values["cloudwatch_buffer_periods"],
-        cloudwatch_flush_timeout=values["cloudwatch_flush_timeout"],
-        log_level=values["log_level"],
-    )
+    missing: list[str] = []
+    values = _values(MonitorSettings, args, environ, training_environment(environ, resource_config), missing)
+    if missing:
+        raise ConfigError("; ".join(missing))
+    settings: MonitorSettings = _make(MonitorSettings, values)
+    settings.check()
+    return settings
+
+
+def flag_table(opts: Sequence[Option]) -> str:
+    """The README's table of flags, made from the options themselves (tests/test_settings.py checks it)."""
+    rows = ["| flag | environment variable | default | |", "|---|---|---|---|"]
+    rows += [f"| `{o.flag}` | `{o.env}` | {o.shown_default} | {o.help} |" for o in opts]
+    return "\n".join(rows)
+
+
+def update_readme(path: Path) -> None:
+    """Rewrite the flag tables between their markers in ``path``: ``python -m proxy.settings README.md``."""
+    text = path.read_text()
+    for name, opts in (("serve", SERVE_OPTIONS), ("monitor", MONITOR_OPTIONS)):
+        begin, end = f"<!-- flags: {name} -->\n", f"\n<!-- /flags: {name} -->"
+        head, _, rest = text.partition(begin)
+        _, _, tail = rest.partition(end)
+        text = f"{head}{begin}{flag_table(opts)}{end}{tail}"
+    path.write_text(text)
+
+
+if __name__ == "__main__":
+    import sys
+
+    update_readme(Path(sys.argv[1]))

@@ -7,6 +7,7 @@ from collections.abc import Callable, Coroutine, Mapping
 from pathlib import Path
 from typing import Any
 
+from metrics.inflight import InFlight
 from metrics.recorder import InvocationMetrics, InvocationRecorder
 from metrics.statistics import PeriodStatistics
 from proxy.app import Variant
@@ -21,10 +22,10 @@ from proxy.instances import (
     StaticInstanceCount,
     sagemaker_client,
 )
-from proxy.settings import Settings, VariantSpec
+from proxy.settings import Settings, VariantConfig
 
 
-class Variants:
+class VariantSet:
     """The variants of one process, and the background work that keeps their live counts."""
 
     def __init__(self) -> None:
@@ -36,10 +37,12 @@ class Variants:
     def upstreams(self) -> list[UpstreamClient]:
         return [v.upstream for v in self.variants]
 
-    def start(self) -> None:
+    async def __aenter__(self) -> VariantSet:
+        """Starts the health loops of balanced clients and the polls of live counts."""
         self._tasks = [asyncio.create_task(job()) for job in self._jobs]
+        return self
 
-    async def close(self) -> None:
+    async def __aexit__(self, *exc: object) -> None:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -47,9 +50,9 @@ class Variants:
             await client.close()
 
 
-def upstream_client(settings: Settings, spec: VariantSpec) -> HttpUpstream | BalancedUpstream:
+def upstream_client(settings: Settings, spec: VariantConfig) -> HttpUpstream | BalancedUpstream:
     """One model: a plain client. Several, or a count of the healthy ones: health-checked and balanced."""
-    if len(spec.upstreams) == 1 and settings.instance_count_from != "upstreams":
+    if len(spec.upstreams) == 1 and settings.instance_count_from.kind != "upstreams":
         return HttpUpstream(spec.upstreams[0], idle_timeout=settings.upstream_idle_timeout)
     check = HealthCheck(
         path=settings.ping_path,
@@ -61,15 +64,15 @@ def upstream_client(settings: Settings, spec: VariantSpec) -> HttpUpstream | Bal
     return BalancedUpstream(list(spec.upstreams), check, idle_timeout=settings.upstream_idle_timeout)
 
 
-def _count_source(settings: Settings, spec: VariantSpec, client: HttpUpstream | BalancedUpstream) -> InstanceCountSource:
-    kind, _, arg = settings.instance_count_from.partition(":")
+def _count_source(settings: Settings, spec: VariantConfig, client: HttpUpstream | BalancedUpstream) -> InstanceCountSource:
+    kind, arg = settings.instance_count_from.kind, settings.instance_count_from.arg
     if kind == "upstreams":
         assert isinstance(client, BalancedUpstream)
         return UpstreamsInstanceCount(client)
     if kind == "sagemaker":
         return SageMakerInstanceCount(
             settings.endpoint_name, spec.name,
-            lambda: sagemaker_client(settings.cloudwatch_region, settings.sagemaker_endpoint_url),
+            lambda: sagemaker_client(settings.cloudwatch.region, settings.sagemaker_endpoint_url),
             interval_s=settings.instance_count_interval,
         )
     if kind == "file":
@@ -86,9 +89,18 @@ def _live_count_to(recorder: InvocationRecorder) -> Callable[[int], None]:
     return update
 
 
-def build_variants(settings: Settings, metrics: InvocationMetrics, statistics: Mapping[str, PeriodStatistics]) -> Variants:
-    out = Variants()
-    for spec in settings.variants:
+def build_variants(
+    settings: Settings,
+    metrics: InvocationMetrics,
+    statistics: Mapping[str, PeriodStatistics],
+    *,
+    in_flight: Callable[[int], InFlight] = lambda column: InFlight(),
+    count: bool = True,
+) -> VariantSet:
+    """Each variant's client, live count and recorder. ``in_flight(i)`` counts variant i's invocations in
+    flight; ``count=False`` (a process that serves no invocations) polls no live count."""
+    out = VariantSet()
+    for i, spec in enumerate(settings.variants):
         recorder = InvocationRecorder(
             metrics,
             endpoint_name=settings.endpoint_name,
@@ -96,6 +108,7 @@ def build_variants(settings: Settings, metrics: InvocationMetrics, statistics: M
             reject_reasons=REJECT_REASONS,
             upstream_error_reasons=UPSTREAM_ERROR_REASONS,
             statistics=statistics.get(spec.name),
+            in_flight=in_flight(i),
         )
         client = upstream_client(settings, spec)
         source = _count_source(settings, spec, client)
@@ -104,7 +117,7 @@ def build_variants(settings: Settings, metrics: InvocationMetrics, statistics: M
             if isinstance(source, UpstreamsInstanceCount):
                 client.on_change = _live_count_to(recorder)
             out._jobs.append(client.run)
-        if isinstance(source, FileInstanceCount | DnsInstanceCount | SageMakerInstanceCount):
+        if count and isinstance(source, FileInstanceCount | DnsInstanceCount | SageMakerInstanceCount):
             source.on_change = recorder.live_instances
             source.on_error = recorder.instance_count_error
             out._jobs.append(source.run)

@@ -11,6 +11,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -342,3 +343,23 @@ def test_a_credential_error_is_logged_once(caplog: pytest.LogCaptureFixture) -> 
     assert len(refused) == 1 and refused[0].levelname == "ERROR"
     labels = {"endpoint_name": "e", "variant_name": "v", "reason": "credentials"}
     assert registry.get_sample_value("sagemaker_proxy_cloudwatch_publish_failures_total", labels) == client.calls
+
+
+@pytest.mark.e2e
+def test_concurrency_with_workers_is_the_count_across_workers(
+    model: Running, moto: Running, aws_env: None, start_proxy: Callable[..., Proxy]
+) -> None:
+    """20 invocations held at once by a slow model, spread over 2 workers: ConcurrentRequestsPerModel's Maximum
+    in CloudWatch is 20 (each worker's sample counts every worker's requests in flight), not each worker's share."""
+    namespace = f"Test{uuid.uuid4().hex[:8]}"
+    proxy = start_proxy(model.url, *cloudwatch_flags(moto.url, namespace), "--workers", "2")
+
+    def call() -> int:
+        return httpx.post(f"{proxy.url}/invocations", json=IRIS, headers={"X-Test-Delay-Ms": "1500"}, timeout=10).status_code
+
+    with ThreadPoolExecutor(20) as pool:
+        assert list(pool.map(lambda _: call(), range(20))) == [200] * 20
+    concurrency = wait_for_statistics(moto.url, namespace, "ConcurrentRequestsPerModel", 20)
+    assert 19 <= concurrency["Maximum"] <= 20, concurrency
+    assert concurrency["Minimum"] >= 1, concurrency
+    assert wait_for_statistics(moto.url, namespace, "Invocations", 20)["Sum"] == 20

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from proxy.cli import build_parser
-from proxy.settings import MONITOR_OPTIONS, ConfigError, MonitorSettings, resolve, resolve_monitor
+from proxy.settings import MONITOR_OPTIONS, ConfigError, MonitorSettings, SamplingOptions, resolve, resolve_monitor
 
 SERVE = ["serve", "--upstream", "http://127.0.0.1:8081", "--endpoint-name", "my-endpoint"]
 
@@ -28,7 +28,7 @@ def monitor_error(*flags: str, environ: Mapping[str, str] | None = None, resourc
 
 def test_serve_defaults_sample_every_10_s_and_watch_only_its_own_cgroup() -> None:
     s = resolve(build_parser().parse_args(SERVE), {})
-    assert (s.sample_interval, s.watch_cgroups, s.model_dir, s.instance_id) == (10.0, (), "/opt/ml/model", None)
+    assert (s.sampling.interval, s.sampling.watch_cgroups, s.sampling.model_dir, s.instance_id) == (10.0, (), "/opt/ml/model", None)
 
 
 def test_serve_flags_and_environment() -> None:
@@ -37,7 +37,7 @@ def test_serve_flags_and_environment() -> None:
                                    "--model-dir", "/models", "--instance-id", "i-0123456789abcdef0"]),
         {},
     )
-    assert (s.sample_interval, s.watch_cgroups, s.model_dir, s.instance_id) == (2.5, ("/docker/abc", "/docker/def"), "/models", "i-0123456789abcdef0")
+    assert (s.sampling.interval, s.sampling.watch_cgroups, s.sampling.model_dir, s.instance_id) == (2.5, ("/docker/abc", "/docker/def"), "/models", "i-0123456789abcdef0")
     environ = {
         "SAGEMAKER_PROXY_SAMPLE_INTERVAL": "0",
         "SAGEMAKER_PROXY_WATCH_CGROUP": "/a,/b",
@@ -45,7 +45,7 @@ def test_serve_flags_and_environment() -> None:
         "SAGEMAKER_PROXY_INSTANCE_ID": "pod-7",
     }
     s = resolve(build_parser().parse_args(SERVE), environ)
-    assert (s.sample_interval, s.watch_cgroups, s.model_dir, s.instance_id) == (0.0, ("/a", "/b"), "/m", "pod-7")
+    assert (s.sampling.interval, s.sampling.watch_cgroups, s.sampling.model_dir, s.instance_id) == (0.0, ("/a", "/b"), "/m", "pod-7")
 
 
 @pytest.mark.parametrize(
@@ -70,7 +70,7 @@ def test_bad_serve_values_name_the_flag(flags: list[str], flag: str) -> None:
 
 def test_monitor_from_flags() -> None:
     s = monitor("--training-job", "my-job", "--host-index", "3", "--metrics-port", "9100", "--sample-interval", "1")
-    assert s == MonitorSettings(training_job="my-job", host_index=3, metrics_port=9100, sample_interval=1.0)
+    assert s == MonitorSettings(training_job="my-job", host_index=3, metrics_port=9100, sampling=SamplingOptions(interval=1.0))
 
 
 def test_monitor_defaults_come_from_the_sagemaker_training_environment(tmp_path: Path) -> None:

@@ -12,7 +12,7 @@ import pytest
 
 from metrics.definitions import DEFAULT_MODEL_LATENCY_BUCKETS_US, DEFAULT_OVERHEAD_LATENCY_BUCKETS_US
 from proxy.cli import PROG, build_parser
-from proxy.settings import SERVE_OPTIONS, ConfigError, Settings, VariantSpec, resolve
+from proxy.settings import MONITOR_OPTIONS, SERVE_OPTIONS, ConfigError, Option, Settings, flag_table, resolve
 from tests.conftest import ROOT, free_port
 
 REQUIRED_FLAGS = ["--upstream", "http://127.0.0.1:8081", "--endpoint-name", "my-endpoint"]
@@ -37,7 +37,7 @@ def config_error(*flags: str, environ: Mapping[str, str] | None = None, required
 
 def test_defaults() -> None:
     s = settings()
-    assert s.upstream == "http://127.0.0.1:8081"
+    assert s.variants[0].upstreams[0] == "http://127.0.0.1:8081"
     assert s.endpoint_name == "my-endpoint"
     assert s.host == "0.0.0.0"
     assert s.port == 8080
@@ -72,8 +72,7 @@ def test_every_flag() -> None:
         "--no-record-metrics",
     )
     assert s == Settings(
-        upstream="http://127.0.0.1:8081",
-        variants=(VariantSpec("Blue-2", ("http://127.0.0.1:8081",)),),
+        upstream=("http://127.0.0.1:8081",),
         endpoint_name="my-endpoint",
         variant_name="Blue-2",
         host="127.0.0.1",
@@ -92,7 +91,7 @@ def test_every_flag() -> None:
 
 
 def test_upstream_trailing_slash_is_dropped() -> None:
-    assert settings("--upstream", "http://model:8080/", required=False, environ={"SAGEMAKER_PROXY_ENDPOINT_NAME": "e"}).upstream == (
+    assert settings("--upstream", "http://model:8080/", required=False, environ={"SAGEMAKER_PROXY_ENDPOINT_NAME": "e"}).variants[0].upstreams[0] == (
         "http://model:8080"
     )
 
@@ -114,7 +113,7 @@ def test_environment_used_when_flag_absent() -> None:
         "SAGEMAKER_PROXY_LOG_LEVEL": "warning",
     }
     s = settings(environ=environ, required=False)
-    assert s.upstream == "http://model:9000"
+    assert s.variants[0].upstreams[0] == "http://model:9000"
     assert s.endpoint_name == "env-endpoint"
     assert s.variant_name == "Canary"
     assert s.host == "127.0.0.2"
@@ -142,7 +141,7 @@ def test_flag_wins_over_environment() -> None:
         "SAGEMAKER_PROXY_LOG_LEVEL": "not-a-level",  # never parsed: the flag wins
     }
     s = settings("--port", "7100", "--invocation-route", "PUT /from-flag", "--log-level", "error", environ=environ)
-    assert s.upstream == "http://127.0.0.1:8081"
+    assert s.variants[0].upstreams[0] == "http://127.0.0.1:8081"
     assert s.port == 7100
     assert s.invocation_routes == frozenset({("PUT", "/from-flag")})
     assert s.log_level == "error"
@@ -258,6 +257,30 @@ def test_missing_required(flags: list[str], missing: str) -> None:
     assert message.startswith(f"{missing} is required"), message
     env = "SAGEMAKER_PROXY_" + missing.removeprefix("--").replace("-", "_").upper()
     assert env in message
+
+
+def test_every_missing_required_flag_is_named_at_once() -> None:
+    assert config_error(required=False) == (
+        "--endpoint-name is required (or set SAGEMAKER_PROXY_ENDPOINT_NAME); "
+        "--upstream is required (or set SAGEMAKER_PROXY_UPSTREAM), or give --variant"
+    )
+
+
+@pytest.mark.parametrize(("command", "options"), [("serve", SERVE_OPTIONS), ("monitor", MONITOR_OPTIONS)])
+def test_readme_flag_tables_are_the_options(command: str, options: tuple[Option, ...]) -> None:
+    """The README's tables of flags are made from the settings fields' declarations (flag, environment
+    variable, default, help): ``python -m proxy.settings README.md`` rewrites them after a change."""
+    readme = (ROOT / "README.md").read_text()
+    begin, end = f"<!-- flags: {command} -->\n", f"\n<!-- /flags: {command} -->"
+    assert begin in readme and end in readme, f"README.md has no {command} flag table"
+    table = readme.split(begin, 1)[1].split(end, 1)[0]
+    assert table == flag_table(options), "README.md's flag table is out of date: run python -m proxy.settings README.md"
+    # And --help says the same: every flag, its environment variable and its default.
+    help_text = "".join(run_cli(command, "--help").stdout.split())  # argparse wraps lines, and long words too
+    for o in options:
+        assert o.flag in help_text and o.env in help_text, o.flag
+        if o.default is not None:
+            assert "(default" + "".join(o.default.split()) + ")" in help_text, o.flag
 
 
 # -- the command line as a real process ---------------------------------------------------------------------

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from proxy.cli import build_parser
-from proxy.settings import ConfigError, Settings, VariantSpec, resolve
+from proxy.settings import ConfigError, CountSource, Settings, VariantConfig, resolve
 
 
 def settings(*flags: str, environ: dict[str, str] | None = None) -> Settings:
@@ -17,14 +17,14 @@ def test_several_upstreams_by_repeating_or_a_comma_list() -> None:
     listed = settings("--upstream", "http://a:1,http://b:2")
     from_env = settings(environ={"SAGEMAKER_PROXY_UPSTREAM": "http://a:1,http://b:2"})
     for s in (repeated, listed, from_env):
-        assert s.variants == (VariantSpec("AllTraffic", ("http://a:1", "http://b:2")),)
-        assert s.upstream == "http://a:1"
+        assert s.variants == (VariantConfig("AllTraffic", ("http://a:1", "http://b:2")),)
+        assert s.variants[0].upstreams[0] == "http://a:1"
 
 
 def test_variants_with_weights_from_flags_and_environment() -> None:
-    expected = (VariantSpec("Blue", ("http://a:1", "http://b:2"), 3.0), VariantSpec("Green", ("http://c:3",), 1.0))
+    expected = (VariantConfig("Blue", ("http://a:1", "http://b:2"), 3.0), VariantConfig("Green", ("http://c:3",), 1.0))
     s = settings("--variant", "Blue=http://a:1,http://b:2:3", "--variant", "Green=http://c:3:1")
-    assert s.variants == expected and s.variant_name == "Blue"
+    assert s.variants == expected and s.variants[0].name == "Blue"
     s = settings(environ={"SAGEMAKER_PROXY_VARIANT": "Blue=http://a:1,http://b:2:3 Green=http://c:3:1"})
     assert s.variants == expected
 
@@ -56,6 +56,6 @@ def test_bad_values_name_the_flag(flags: list[str], message: str) -> None:
 
 def test_count_sources_and_health_check_defaults() -> None:
     s = settings("--upstream", "http://a:1", "--instance-count-from", "dns:model.default.svc")
-    assert s.instance_count_from == "dns:model.default.svc"
+    assert s.instance_count_from == CountSource("dns", "model.default.svc")
     assert (s.health_check_interval, s.health_check_timeout, s.unhealthy_threshold, s.healthy_threshold) == (2.0, 2.0, 2, 1)
     assert s.instance_count_interval == 10.0
