@@ -59,6 +59,10 @@ SCRIPTS = {
         f'wrk.method = "POST"; wrk.body = \'{IRIS}\'; wrk.headers["Content-Type"] = "application/json"; '
         'wrk.headers["X-Test-Stream-Chunks"] = "10"'
     ),
+    "openai": (
+        f'wrk.method = "POST"; wrk.body = \'{IRIS}\'; wrk.headers["Content-Type"] = "application/json"; '
+        'wrk.headers["X-Test-Stream-Chunks"] = "10"; wrk.headers["X-Test-Stream-Format"] = "openai"'
+    ),
 }
 
 SCENARIOS = (
@@ -68,6 +72,7 @@ SCENARIOS = (
     Scenario(f"{MODEL_DELAY_MS} ms model, 64 connections", 64, "delay", "concurrency is not capped"),
     Scenario("1 MiB request body, 16 connections", 16, "body1mib", "large payloads"),
     Scenario("streamed response (10 chunks), 16 connections", 16, "stream", "streaming"),
+    Scenario("OpenAI token stream (10 tokens), 16 connections", 16, "openai", "token counting"),
 )
 # The proxy targets and their serve flags. "proxy" is the default (built-in) HTTP server.
 PROXY_TARGETS: dict[str, tuple[str, ...]] = {
@@ -75,11 +80,16 @@ PROXY_TARGETS: dict[str, tuple[str, ...]] = {
     "proxy-uvicorn": ("--http-server", "uvicorn"),
     "proxy-no-metrics": ("--no-record-metrics",),
     "proxy-2-workers": ("--workers", "2"),
+    "proxy-no-tokens": ("--no-count-tokens",),
 }
 # Targets in every scenario.
 MAIN_TARGETS = ("direct", "nginx", "proxy", "proxy-uvicorn")
 # Extra targets run only where they answer a question: what recording costs, what a second worker gives.
-EXTRA_TARGETS = {"trivial, 16 connections": ("proxy-no-metrics", "proxy-2-workers"), "trivial, 64 connections": ("proxy-2-workers",)}
+EXTRA_TARGETS = {
+    "trivial, 16 connections": ("proxy-no-metrics", "proxy-2-workers"),
+    "trivial, 64 connections": ("proxy-2-workers",),
+    "OpenAI token stream (10 tokens), 16 connections": ("proxy-no-tokens",),
+}
 # The goal for the built-in server: at most this much of uvicorn's CPU per request in this scenario.
 CPU_GOAL = ("trivial, 16 connections", 0.7)
 
@@ -273,12 +283,12 @@ def scrape(metrics_port: int) -> dict[str, float]:
 
 
 def latency_sums(metrics_port: int) -> tuple[float, float, float]:
-    """(count, ModelLatency sum, OverheadLatency sum) from the proxy's /metrics."""
+    """(count, ModelLatency sum, OverheadLatency sum) from the proxy's /metrics, the sums in microseconds."""
     values = scrape(metrics_port)
     return (
-        values.get("sagemaker_model_latency_microseconds_count", 0.0),
-        values.get("sagemaker_model_latency_microseconds_sum", 0.0),
-        values.get("sagemaker_overhead_latency_microseconds_sum", 0.0),
+        values.get("sagemaker_model_latency_seconds_count", 0.0),
+        values.get("sagemaker_model_latency_seconds_sum", 0.0) * 1e6,
+        values.get("sagemaker_overhead_latency_seconds_sum", 0.0) * 1e6,
     )
 
 
@@ -524,6 +534,12 @@ def render_markdown(report: dict[str, object]) -> str:
             if name in row:
                 e, p = row[name], row["proxy"]
                 lines.append(f"- {row['scenario']}: {name} {e['rps']:,.0f} req/s ({e['throughput_vs_nginx']:.2f} of nginx); proxy with metrics / {name} = {p['rps'] / e['rps']:.3f}")
+        if "proxy-no-tokens" in row:
+            e, p = row["proxy-no-tokens"], row["proxy"]
+            lines.append(
+                f"- {row['scenario']}: counting tokens costs, proxy / proxy-no-tokens: throughput {p['rps'] / e['rps']:.3f},"
+                f" CPU per request {_fmt(_ratio(p['cpu_s_per_1000'], e['cpu_s_per_1000']), '.3f')} (goal: under 5% more)"
+            )
     trivial = rows[0]
     delay = next(r for r in rows if r["scenario"].startswith(f"{MODEL_DELAY_MS} ms"))
     lines.append(

@@ -12,6 +12,7 @@ from collections.abc import Awaitable, Callable, MutableMapping
 from dataclasses import dataclass
 from typing import Any
 
+from example_model import chat
 from example_model.model import IrisModel
 
 Scope = MutableMapping[str, Any]
@@ -56,6 +57,7 @@ class Knobs:
     status: int | None = None
     stream_chunks: int | None = None
     stream_interval_s: float = 0.0
+    stream_openai: bool = False
     response_bytes: int | None = None
 
 
@@ -104,11 +106,15 @@ def parse_knobs(headers: dict[bytes, bytes]) -> Knobs:
     )
     if interval_ms is not None and chunks is None:
         raise HTTPError(400, "X-Test-Stream-Interval-Ms requires X-Test-Stream-Chunks")
+    stream_format = headers.get(b"x-test-stream-format")
+    if stream_format is not None and (stream_format != b"openai" or chunks is None):
+        raise HTTPError(400, "X-Test-Stream-Format takes openai, with X-Test-Stream-Chunks")
     return Knobs(
         delay_s=(delay_ms or 0.0) / 1000.0,
         status=status,
         stream_chunks=chunks,
         stream_interval_s=(interval_ms or 0.0) / 1000.0,
+        stream_openai=stream_format == b"openai",
         response_bytes=size,
     )
 
@@ -217,7 +223,7 @@ async def send_error(send: Send, status: int, message: str, headers: Headers | N
     await send_bytes(send, status, [*_JSON_HEADERS, *(headers or [])], body)
 
 
-async def send_event_stream(send: Send, chunks: int, interval_s: float) -> None:
+async def send_event_stream(send: Send, chunks: int, interval_s: float, openai: bool = False) -> None:
     # No content-length, so uvicorn sends chunked encoding; one ASGI message per event.
     await send(
         {
@@ -235,11 +241,18 @@ async def send_event_stream(send: Send, chunks: int, interval_s: float) -> None:
         await send(
             {
                 "type": "http.response.body",
-                "body": b"data: %d\n\n" % i,
+                "body": _openai_event(i) if openai else b"data: %d\n\n" % i,
                 "more_body": True,
             }
         )
+    if openai:
+        await send({"type": "http.response.body", "body": b"data: [DONE]\n\n", "more_body": True})
     await send({"type": "http.response.body", "body": b""})
+
+
+def _openai_event(i: int) -> bytes:
+    """Chunk i of an OpenAI-compatible chat completion stream, one token each."""
+    return b'data: {"id":"cmpl-example","object":"chat.completion.chunk","choices":[{"index":0,"delta":{"content":" t%d"}}]}\n\n' % i
 
 
 async def send_filler(send: Send, size: int) -> None:
@@ -283,6 +296,10 @@ class ModelServer:
                 if method != "GET":
                     raise HTTPError(405, "method not allowed", [(b"allow", b"GET")])
                 await self._ping(scope, send)
+            elif path in ("/v1/chat/completions", "/v1/completions"):
+                if method != "POST":
+                    raise HTTPError(405, "method not allowed", [(b"allow", b"POST")])
+                await self._completions(scope, receive, send, path == "/v1/chat/completions")
             else:
                 raise HTTPError(404, "not found")
         except HTTPError as exc:
@@ -297,6 +314,27 @@ class ModelServer:
                 raise HTTPError(knobs.status, f"test status {knobs.status}")
         await send_bytes(send, 200, _JSON_HEADERS, _PING_BODY)
 
+    async def _completions(self, scope: Scope, receive: Receive, send: Send, is_chat: bool) -> None:
+        """OpenAI-compatible completions of a fixed text (example_model/chat.py)."""
+        body = await read_body(receive)
+        if body is None:
+            return
+        try:
+            prompt_tokens, max_tokens, streamed, include_usage = chat.parse(body, is_chat)
+        except chat.ChatError as e:
+            raise HTTPError(400, str(e)) from None
+        delay_ms = interval_ms = None
+        if self.test_knobs:
+            headers: dict[bytes, bytes] = dict(scope["headers"])
+            delay_ms = _float_knob(headers, b"x-test-delay-ms", "X-Test-Delay-Ms", MAX_DELAY_MS)
+            interval_ms = _float_knob(headers, b"x-test-stream-interval-ms", "X-Test-Stream-Interval-Ms", MAX_DELAY_MS)
+        if delay_ms:
+            await asyncio.sleep(delay_ms / 1000)
+        if streamed:
+            await chat.stream(send, is_chat, prompt_tokens, max_tokens, include_usage, (interval_ms or 0.0) / 1000)
+        else:
+            await send_bytes(send, 200, _JSON_HEADERS, chat.document(is_chat, prompt_tokens, max_tokens))
+
     async def _invocations(self, scope: Scope, receive: Receive, send: Send) -> None:
         headers: dict[bytes, bytes] = dict(scope["headers"])
         # Drain the body first, so no response ever leaves a request half read.
@@ -310,7 +348,7 @@ class ModelServer:
             if knobs.status is not None:
                 raise HTTPError(knobs.status, f"test status {knobs.status}")
             if knobs.stream_chunks is not None:
-                await send_event_stream(send, knobs.stream_chunks, knobs.stream_interval_s)
+                await send_event_stream(send, knobs.stream_chunks, knobs.stream_interval_s, knobs.stream_openai)
                 return
             if knobs.response_bytes is not None:
                 await send_filler(send, knobs.response_bytes)

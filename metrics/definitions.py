@@ -25,7 +25,11 @@ class MetricDefinition:
     ``cloudwatch_name`` and ``unit`` are what CloudWatch gets (``None``: Prometheus only);
     ``labels`` are the Prometheus label names beyond ``endpoint_name`` and ``variant_name``;
     ``multiprocess_mode`` is how a gauge's values from several workers merge: added (``livesum``) or the
-    largest kept (``livemax``), live workers only.
+    largest kept (``livemax``), live workers only;
+    ``buckets`` are a histogram's default bucket bounds, in Prometheus's unit (seconds, bytes).
+
+    Durations are measured in whole microseconds: Prometheus gets seconds (its base unit), CloudWatch
+    Microseconds, as SageMaker publishes them.
     """
 
     prometheus_name: str
@@ -35,7 +39,23 @@ class MetricDefinition:
     unit: str = "Count"
     labels: tuple[str, ...] = ()
     multiprocess_mode: Literal["livesum", "livemax"] = "livesum"
+    buckets: tuple[float, ...] = ()
 
+
+# Histogram buckets, in seconds: ModelLatency up to 10 minutes (LLM calls), the overhead 10 us to 1 s.
+DEFAULT_MODEL_LATENCY_BUCKETS: tuple[float, ...] = (
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25,
+    0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0,
+)
+DEFAULT_OVERHEAD_LATENCY_BUCKETS: tuple[float, ...] = (
+    0.00001, 0.000025, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
+)
+# Between a stream's chunks, and per output token (vLLM's buckets for the latter).
+INTER_CHUNK_BUCKETS: tuple[float, ...] = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+TIME_PER_OUTPUT_TOKEN_BUCKETS: tuple[float, ...] = (
+    0.001, 0.0025, 0.005, 0.01, 0.02, 0.03, 0.04, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5,
+)
+SIZE_BUCKETS: tuple[float, ...] = tuple(float(4**i * 64) for i in range(11))  # 64 B to 64 MiB
 
 # Labels every invocation metric carries; CloudWatch dimensions EndpointName and VariantName.
 VARIANT_LABELS = ("endpoint_name", "variant_name")
@@ -63,18 +83,59 @@ INVOCATIONS_PER_INSTANCE = MetricDefinition(
     "InvocationsPerInstance",
 )
 MODEL_LATENCY = MetricDefinition(
-    "sagemaker_model_latency_microseconds", Kind.HISTOGRAM,
-    "Time spent waiting on the model, in microseconds.", "ModelLatency", "Microseconds",
+    "sagemaker_model_latency_seconds", Kind.HISTOGRAM,
+    "Time spent waiting on the model.", "ModelLatency", "Microseconds", buckets=DEFAULT_MODEL_LATENCY_BUCKETS,
 )
 OVERHEAD_LATENCY = MetricDefinition(
-    "sagemaker_overhead_latency_microseconds", Kind.HISTOGRAM,
-    "Time the proxy added to an invocation (total minus ModelLatency), in microseconds.",
-    "OverheadLatency", "Microseconds",
+    "sagemaker_overhead_latency_seconds", Kind.HISTOGRAM,
+    "Time the proxy added to an invocation (total minus ModelLatency).",
+    "OverheadLatency", "Microseconds", buckets=DEFAULT_OVERHEAD_LATENCY_BUCKETS,
 )
-MODEL_FIRST_BYTE_LATENCY = MetricDefinition(
-    "sagemaker_model_first_byte_latency_microseconds", Kind.HISTOGRAM,
-    "For streamed responses: time from sending the request to the first body byte from the model, in microseconds.",
-    "ModelFirstByteLatency", "Microseconds",
+# Streamed responses (chunked, or read to the close): SageMaker's stream metrics.
+FIRST_CHUNK_LATENCY = MetricDefinition(
+    "sagemaker_first_chunk_latency_seconds", Kind.HISTOGRAM,
+    "Streamed responses: from the request's arrival to the first body chunk handed to the client.",
+    "FirstChunkLatency", "Microseconds", buckets=DEFAULT_MODEL_LATENCY_BUCKETS,
+)
+FIRST_CHUNK_MODEL_LATENCY = MetricDefinition(
+    "sagemaker_first_chunk_model_latency_seconds", Kind.HISTOGRAM,
+    "Streamed responses: from the request sent to the model to the model's first body byte.",
+    "FirstChunkModelLatency", "Microseconds", buckets=DEFAULT_MODEL_LATENCY_BUCKETS,
+)
+FIRST_CHUNK_OVERHEAD_LATENCY = MetricDefinition(
+    "sagemaker_first_chunk_overhead_latency_seconds", Kind.HISTOGRAM,
+    "Streamed responses: FirstChunkLatency minus FirstChunkModelLatency, the proxy's part of the wait for the first chunk.",
+    "FirstChunkOverheadLatency", "Microseconds", buckets=DEFAULT_OVERHEAD_LATENCY_BUCKETS,
+)
+INTER_CHUNK_LATENCY = MetricDefinition(
+    "sagemaker_inter_chunk_latency_seconds", Kind.HISTOGRAM,
+    "Streamed responses: the gaps between the model's body chunks (time blocked on the client left out).",
+    buckets=INTER_CHUNK_BUCKETS,
+)
+MID_STREAM_ERRORS = MetricDefinition(
+    "sagemaker_mid_stream_errors_total", Kind.COUNTER,
+    "Responses that broke after their head went to the client: the model reset or stalled, or sent a malformed chunk.",
+    "MidStreamErrors",
+)
+# OpenAI-compatible responses (server-sent events, or JSON with usage): tokens, as vLLM and TGI count them.
+INPUT_TOKENS = MetricDefinition(
+    "sagemaker_input_tokens_total", Kind.COUNTER,
+    "Prompt tokens, from the usage object of OpenAI-compatible responses.",
+)
+OUTPUT_TOKENS = MetricDefinition(
+    "sagemaker_output_tokens_total", Kind.COUNTER,
+    "Generated tokens: the usage object's completion_tokens, else the content events of the stream.",
+)
+TIME_PER_OUTPUT_TOKEN = MetricDefinition(
+    "sagemaker_time_per_output_token_seconds", Kind.HISTOGRAM,
+    "Per OpenAI-compatible stream: from the first token to the last, over the output tokens minus one.",
+    buckets=TIME_PER_OUTPUT_TOKEN_BUCKETS,
+)
+REQUEST_SIZE = MetricDefinition(
+    "sagemaker_request_size_bytes", Kind.HISTOGRAM, "Request body bytes per invocation.", buckets=SIZE_BUCKETS,
+)
+RESPONSE_SIZE = MetricDefinition(
+    "sagemaker_response_size_bytes", Kind.HISTOGRAM, "Response body bytes per invocation.", buckets=SIZE_BUCKETS,
 )
 CONCURRENT_REQUESTS_PER_MODEL = MetricDefinition(
     "sagemaker_concurrent_requests_per_model", Kind.GAUGE,
@@ -164,9 +225,14 @@ INVOCATION_METRICS = (
     OVERHEAD_LATENCY,
     CONCURRENT_REQUESTS_PER_MODEL,
 )
+STREAM_METRICS = (FIRST_CHUNK_LATENCY, FIRST_CHUNK_MODEL_LATENCY, FIRST_CHUNK_OVERHEAD_LATENCY, INTER_CHUNK_LATENCY, MID_STREAM_ERRORS)
+TOKEN_METRICS = (INPUT_TOKENS, OUTPUT_TOKENS, TIME_PER_OUTPUT_TOKEN)
 ALL_METRICS = (
     *INVOCATION_METRICS,
-    MODEL_FIRST_BYTE_LATENCY,
+    *STREAM_METRICS,
+    *TOKEN_METRICS,
+    REQUEST_SIZE,
+    RESPONSE_SIZE,
     LIVE_INSTANCES,
     REJECTED_REQUESTS,
     UPSTREAM_ERRORS,
@@ -180,11 +246,3 @@ ALL_METRICS = (
     *HOST_METRICS,
 )
 
-# Histogram buckets in microseconds: 100 us to 120 s for the model, 10 us to 1 s for the overhead.
-DEFAULT_MODEL_LATENCY_BUCKETS_US: tuple[float, ...] = (
-    100, 250, 500, 1_000, 2_500, 5_000, 10_000, 25_000, 50_000, 100_000, 250_000,
-    500_000, 1_000_000, 2_500_000, 5_000_000, 10_000_000, 30_000_000, 60_000_000, 120_000_000,
-)
-DEFAULT_OVERHEAD_LATENCY_BUCKETS_US: tuple[float, ...] = (
-    10, 25, 50, 100, 250, 500, 1_000, 2_500, 5_000, 10_000, 25_000, 50_000, 100_000, 250_000, 500_000, 1_000_000,
-)

@@ -243,6 +243,14 @@ class Families(Collector):
         self._shared = shared
         registry.register(self)
 
+    def family(self, definition: MetricDefinition, labelnames: Sequence[str], buckets: Sequence[float] = ()) -> Counter | Gauge | Histogram:
+        """The family of the definition's kind."""
+        if definition.kind is Kind.COUNTER:
+            return self.counter(definition, labelnames)
+        if definition.kind is Kind.GAUGE:
+            return self.gauge(definition, labelnames)
+        return self.histogram(definition, labelnames, buckets or definition.buckets)
+
     def counter(self, definition: MetricDefinition, labelnames: Sequence[str]) -> Counter:
         assert definition.kind is Kind.COUNTER, definition
         return self._add(Counter(definition, labelnames, self._shared))

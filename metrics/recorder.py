@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Protocol
+from typing import Any, Protocol
 
 from prometheus_client import CollectorRegistry
 
@@ -20,8 +20,21 @@ MODEL_ERRORS = d.INVOCATION_MODEL_ERRORS.cloudwatch_name or ""
 PER_INSTANCE = d.INVOCATIONS_PER_INSTANCE.cloudwatch_name or ""
 MODEL_LATENCY = d.MODEL_LATENCY.cloudwatch_name or ""
 OVERHEAD_LATENCY = d.OVERHEAD_LATENCY.cloudwatch_name or ""
-FIRST_BYTE = d.MODEL_FIRST_BYTE_LATENCY.cloudwatch_name or ""
+FIRST_CHUNK = d.FIRST_CHUNK_LATENCY.cloudwatch_name or ""
+FIRST_CHUNK_MODEL = d.FIRST_CHUNK_MODEL_LATENCY.cloudwatch_name or ""
+FIRST_CHUNK_OVERHEAD = d.FIRST_CHUNK_OVERHEAD_LATENCY.cloudwatch_name or ""
+MID_STREAM_ERRORS = d.MID_STREAM_ERRORS.cloudwatch_name or ""
 CONCURRENT = d.CONCURRENT_REQUESTS_PER_MODEL.cloudwatch_name or ""
+
+US = 1e-6  # microseconds to Prometheus's seconds
+
+# Every family an InvocationRecorder records into, labelled endpoint_name, variant_name and the definition's own labels.
+VARIANT_FAMILIES = (
+    d.INVOCATIONS, d.INVOCATION_4XX_ERRORS, d.INVOCATION_5XX_ERRORS, d.INVOCATION_MODEL_ERRORS, d.INVOCATIONS_PER_INSTANCE,
+    d.MODEL_LATENCY, d.OVERHEAD_LATENCY, d.CONCURRENT_REQUESTS_PER_MODEL, d.LIVE_INSTANCES,
+    *d.STREAM_METRICS, *d.TOKEN_METRICS, d.REQUEST_SIZE, d.RESPONSE_SIZE,
+    d.CLIENT_DISCONNECTS, d.INSTANCE_COUNT_ERRORS, d.REJECTED_REQUESTS, d.UPSTREAM_ERRORS,
+)
 
 
 class Outcome(Protocol):
@@ -40,40 +53,56 @@ class Outcome(Protocol):
     @property
     def overhead_us(self) -> int: ...
     @property
-    def first_byte_us(self) -> int | None: ...
+    def request_bytes(self) -> int: ...
+    @property
+    def response_bytes(self) -> int: ...
+    @property
+    def first_chunk_us(self) -> int | None:
+        """A streamed response: the request's arrival to its first body chunk handed to the client."""
+    @property
+    def first_chunk_model_us(self) -> int | None:
+        """A streamed response: the request sent to the model to the model's first body byte."""
+    @property
+    def mid_stream_error(self) -> bool: ...
+    @property
+    def input_tokens(self) -> int: ...
+    @property
+    def output_tokens(self) -> int: ...
+    @property
+    def time_per_output_token_us(self) -> float | None: ...
 
 
 class InvocationMetrics:
-    """The invocation metric families of one registry, registered once; each variant records through its own labels.
+    """The invocation metric families of one registry, made from their definitions; each variant records
+    through its own labels.
 
     Lock-free (``metrics.inmemory``); with several workers, ``shared`` is this worker's multiprocess files,
-    which the supervisor merges at scrape time.
+    which the supervisor merges at scrape time. ``model_latency_buckets`` (seconds) also bound the first-chunk
+    latencies, ``overhead_latency_buckets`` the first chunk's overhead.
     """
 
     def __init__(
         self,
         registry: CollectorRegistry,
         *,
-        model_latency_buckets: Sequence[float] = d.DEFAULT_MODEL_LATENCY_BUCKETS_US,
-        overhead_latency_buckets: Sequence[float] = d.DEFAULT_OVERHEAD_LATENCY_BUCKETS_US,
+        model_latency_buckets: Sequence[float] = d.DEFAULT_MODEL_LATENCY_BUCKETS,
+        overhead_latency_buckets: Sequence[float] = d.DEFAULT_OVERHEAD_LATENCY_BUCKETS,
         shared: inmemory.SharedFiles | None = None,
     ) -> None:
+        buckets = {
+            d.MODEL_LATENCY: model_latency_buckets, d.FIRST_CHUNK_LATENCY: model_latency_buckets,
+            d.FIRST_CHUNK_MODEL_LATENCY: model_latency_buckets,
+            d.OVERHEAD_LATENCY: overhead_latency_buckets, d.FIRST_CHUNK_OVERHEAD_LATENCY: overhead_latency_buckets,
+        }
         f = inmemory.Families(registry, shared)
-        labels = d.VARIANT_LABELS
-        self.invocations = f.counter(d.INVOCATIONS, labels)
-        self.errors_4xx = f.counter(d.INVOCATION_4XX_ERRORS, labels)
-        self.errors_5xx = f.counter(d.INVOCATION_5XX_ERRORS, labels)
-        self.model_errors = f.counter(d.INVOCATION_MODEL_ERRORS, labels)
-        self.per_instance = f.counter(d.INVOCATIONS_PER_INSTANCE, labels)
-        self.model_latency = f.histogram(d.MODEL_LATENCY, labels, model_latency_buckets)
-        self.overhead_latency = f.histogram(d.OVERHEAD_LATENCY, labels, overhead_latency_buckets)
-        self.first_byte = f.histogram(d.MODEL_FIRST_BYTE_LATENCY, labels, model_latency_buckets)
-        self.concurrent = f.gauge(d.CONCURRENT_REQUESTS_PER_MODEL, labels)
-        self.live_instances = f.gauge(d.LIVE_INSTANCES, labels)
-        self.client_disconnects = f.counter(d.CLIENT_DISCONNECTS, labels)
-        self.instance_count_errors = f.counter(d.INSTANCE_COUNT_ERRORS, labels)
-        self.rejected = f.counter(d.REJECTED_REQUESTS, labels + d.REJECTED_REQUESTS.labels)
-        self.upstream_errors = f.counter(d.UPSTREAM_ERRORS, labels + d.UPSTREAM_ERRORS.labels)
+        self.families: dict[d.MetricDefinition, Any] = {
+            definition: f.family(definition, d.VARIANT_LABELS + definition.labels, buckets.get(definition, definition.buckets))
+            for definition in VARIANT_FAMILIES
+        }
+
+    def children(self, endpoint_name: str, variant_name: str) -> dict[d.MetricDefinition, Any]:
+        """Each unlabelled family's child for one variant."""
+        return {defn: family.labels(endpoint_name, variant_name) for defn, family in self.families.items() if not defn.labels}
 
 
 class InvocationRecorder:
@@ -97,24 +126,31 @@ class InvocationRecorder:
         # ConcurrentRequestsPerModel for CloudWatch: this process's count, or with workers all of theirs.
         self._in_flight = in_flight if in_flight is not None else InFlight()
         e, v = endpoint_name, variant_name
-        m = metrics
-        self._invocations = m.invocations.labels(e, v)
-        self._errors_4xx = m.errors_4xx.labels(e, v)
-        self._errors_5xx = m.errors_5xx.labels(e, v)
-        self._model_errors = m.model_errors.labels(e, v)
-        self._per_instance = m.per_instance.labels(e, v)
-        self._model_latency = m.model_latency.labels(e, v)
-        self._overhead_latency = m.overhead_latency.labels(e, v)
-        self._first_byte = m.first_byte.labels(e, v)
-        self._concurrent = m.concurrent.labels(e, v)
-        self._live_instances = m.live_instances.labels(e, v)
-        self._client_disconnects = m.client_disconnects.labels(e, v)
-        self._instance_count_errors = m.instance_count_errors.labels(e, v)
-        rejected = m.rejected
-        upstream_errors = m.upstream_errors
+        c = metrics.children(e, v)
+        self._invocations = c[d.INVOCATIONS]
+        self._errors_4xx = c[d.INVOCATION_4XX_ERRORS]
+        self._errors_5xx = c[d.INVOCATION_5XX_ERRORS]
+        self._model_errors = c[d.INVOCATION_MODEL_ERRORS]
+        self._per_instance = c[d.INVOCATIONS_PER_INSTANCE]
+        self._model_latency = c[d.MODEL_LATENCY]
+        self._overhead_latency = c[d.OVERHEAD_LATENCY]
+        self._concurrent = c[d.CONCURRENT_REQUESTS_PER_MODEL]
+        self._live_instances = c[d.LIVE_INSTANCES]
+        self._first_chunk = c[d.FIRST_CHUNK_LATENCY]
+        self._first_chunk_model = c[d.FIRST_CHUNK_MODEL_LATENCY]
+        self._first_chunk_overhead = c[d.FIRST_CHUNK_OVERHEAD_LATENCY]
+        self._inter_chunk = c[d.INTER_CHUNK_LATENCY]
+        self._mid_stream_errors = c[d.MID_STREAM_ERRORS]
+        self._input_tokens = c[d.INPUT_TOKENS]
+        self._output_tokens = c[d.OUTPUT_TOKENS]
+        self._time_per_output_token = c[d.TIME_PER_OUTPUT_TOKEN]
+        self._request_size = c[d.REQUEST_SIZE]
+        self._response_size = c[d.RESPONSE_SIZE]
+        self._client_disconnects = c[d.CLIENT_DISCONNECTS]
+        self._instance_count_errors = c[d.INSTANCE_COUNT_ERRORS]
         # Children created up front so every reason is exported as 0 before it first happens.
-        self._rejected = {r: rejected.labels(e, v, r) for r in reject_reasons}
-        self._upstream_errors = {r: upstream_errors.labels(e, v, r) for r in upstream_error_reasons}
+        self._rejected = {r: metrics.families[d.REJECTED_REQUESTS].labels(e, v, r) for r in reject_reasons}
+        self._upstream_errors = {r: metrics.families[d.UPSTREAM_ERRORS].labels(e, v, r) for r in upstream_error_reasons}
 
     def invocation_started(self) -> None:
         self._concurrent.inc()
@@ -123,22 +159,20 @@ class InvocationRecorder:
         if stats is not None:
             stats.add(stats.current(), CONCURRENT, now)
 
-    def invocation_finished(
-        self,
-        *,
-        status: int,
-        upstream_error: str | None,
-        model_us: int,
-        overhead_us: int,
-        instances: int,
-        first_byte_us: int | None = None,
-    ) -> None:
-        """One completed invocation: ``status`` is what the model returned, or the proxy's 502/504 when
-        ``upstream_error`` names the reason the model call failed."""
+    def inter_chunk(self, gap_us: int) -> None:
+        """A gap between two of the model's body chunks of a streamed response."""
+        self._inter_chunk.observe(gap_us * US)
+
+    def invocation_finished(self, outcome: Outcome) -> None:
+        """One completed invocation: ``outcome.status`` is what the model returned, or the proxy's 502/504 when
+        ``outcome.upstream_error`` names the reason the model call failed."""
         self._concurrent.dec()
         self._in_flight.add(-1)
         self._invocations.inc()
+        instances = outcome.instances
         self._per_instance.inc(1.0 / instances)
+        upstream_error = outcome.upstream_error
+        status = outcome.status
         is_4xx = is_5xx = False
         if upstream_error is not None:
             self._upstream_errors[upstream_error].inc()
@@ -151,10 +185,28 @@ class InvocationRecorder:
             elif status >= 500:
                 is_5xx = True
                 self._errors_5xx.inc()
-        self._model_latency.observe(model_us)
-        self._overhead_latency.observe(overhead_us)
-        if first_byte_us is not None:
-            self._first_byte.observe(first_byte_us)
+        model_us = outcome.model_us
+        overhead_us = outcome.overhead_us
+        self._model_latency.observe(model_us * US)
+        self._overhead_latency.observe(overhead_us * US)
+        self._request_size.observe(outcome.request_bytes)
+        self._response_size.observe(outcome.response_bytes)
+        first_chunk_us = outcome.first_chunk_us
+        first_chunk_model_us = outcome.first_chunk_model_us
+        if first_chunk_us is not None and first_chunk_model_us is not None:
+            self._first_chunk.observe(first_chunk_us * US)
+            self._first_chunk_model.observe(first_chunk_model_us * US)
+            self._first_chunk_overhead.observe((first_chunk_us - first_chunk_model_us) * US)
+        mid_stream_error = outcome.mid_stream_error
+        if mid_stream_error:
+            self._mid_stream_errors.inc()
+        if outcome.output_tokens:
+            self._output_tokens.inc(outcome.output_tokens)
+        if outcome.input_tokens:
+            self._input_tokens.inc(outcome.input_tokens)
+        per_token = outcome.time_per_output_token_us
+        if per_token is not None:
+            self._time_per_output_token.observe(per_token * US)
         stats = self._statistics
         if stats is not None:
             # 0/1 per invocation, so a period's Average is the error rate.
@@ -167,30 +219,29 @@ class InvocationRecorder:
             add(sets, PER_INSTANCE, 1.0 / instances)
             add(sets, MODEL_LATENCY, model_us)
             add(sets, OVERHEAD_LATENCY, overhead_us)
-            if first_byte_us is not None:
-                add(sets, FIRST_BYTE, first_byte_us)
+            add(sets, MID_STREAM_ERRORS, mid_stream_error)
+            if first_chunk_us is not None and first_chunk_model_us is not None:
+                add(sets, FIRST_CHUNK, first_chunk_us)
+                add(sets, FIRST_CHUNK_MODEL, first_chunk_model_us)
+                add(sets, FIRST_CHUNK_OVERHEAD, first_chunk_us - first_chunk_model_us)
 
     def invocation_ended(self, outcome: Outcome) -> None:
         """Exactly once per invocation that ``invocation_started``."""
         if outcome.abandoned:
-            self.invocation_abandoned(instances=outcome.instances)
+            self.invocation_abandoned(outcome)
         else:
-            self.invocation_finished(
-                status=outcome.status,
-                upstream_error=outcome.upstream_error,
-                model_us=outcome.model_us,
-                overhead_us=outcome.overhead_us,
-                instances=outcome.instances,
-                first_byte_us=outcome.first_byte_us,
-            )
+            self.invocation_finished(outcome)
 
-    def invocation_abandoned(self, *, instances: int) -> None:
+    def invocation_abandoned(self, outcome: Outcome) -> None:
         """The client went away while the model worked: an invocation, with no error class and no latency."""
         self._concurrent.dec()
         self._in_flight.add(-1)
         self._invocations.inc()
+        instances = outcome.instances
         self._per_instance.inc(1.0 / instances)
         self._client_disconnects.inc()
+        self._request_size.observe(outcome.request_bytes)
+        self._response_size.observe(outcome.response_bytes)
         stats = self._statistics
         if stats is not None:
             sets = stats.current()

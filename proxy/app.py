@@ -26,6 +26,7 @@ from metrics.recorder import InvocationRecorder
 from proxy.errors import Fault, UpstreamError, error_body
 from proxy.http.client import GATHER_BYTES, UpstreamClient, UpstreamResponse
 from proxy.instances import InstanceCountSource
+from proxy.tokens import EVENT_STREAM, MAX_JSON_BODY, StreamTokens, json_usage
 from proxy.types import DISCONNECT_EXTENSION, FAULT_KEY, Body, Headers, Message, Receive, Scope, Send, body_size
 
 log = logging.getLogger("proxy")
@@ -183,12 +184,16 @@ class Invocation:
     t_done: int = 0  # the model's last byte arrived, or its call failed; 0: it never ended (client gone)
     t_out: int = 0  # the response's last byte was handed to the server
     blocked_ns: int = 0  # time in send() to the client while the model was still answering
-    first_byte_ns: int | None = None  # t_send to the first body byte of a streamed response
+    t_first_byte: int = 0  # a streamed response: the model's first body byte arrived
+    t_first_out: int = 0  # a streamed response: its first body chunk is handed to the server
     status: int = 0  # the model's status (read only when there is no fault)
     fault: Fault | None = None
     responded: bool = False  # the response head was handed to the server
     request_bytes: int = 0
     response_bytes: int = 0
+    input_tokens: int = 0  # OpenAI-compatible responses (proxy.tokens)
+    output_tokens: int = 0
+    time_per_output_token_ns: float | None = None
 
     # What the recorder reads (metrics.recorder.Outcome).
     @property
@@ -209,8 +214,23 @@ class Invocation:
         return (self.t_out - self.t_in - (self.t_done - self.t_send - self.blocked_ns)) // 1000
 
     @property
-    def first_byte_us(self) -> int | None:
-        return None if self.first_byte_ns is None else self.first_byte_ns // 1000
+    def first_chunk_us(self) -> int | None:
+        return (self.t_first_out - self.t_in) // 1000 if self.t_first_out and self.t_first_byte else None
+
+    @property
+    def first_chunk_model_us(self) -> int | None:
+        return (self.t_first_byte - self.t_send) // 1000 if self.t_first_out and self.t_first_byte else None
+
+    @property
+    def mid_stream_error(self) -> bool:
+        """The response broke after its head went to the client (the model's fault, not the client's)."""
+        fault = self.fault
+        return self.responded and fault is not None and fault.invocation and fault.status is not None
+
+    @property
+    def time_per_output_token_us(self) -> float | None:
+        per_token = self.time_per_output_token_ns
+        return None if per_token is None else per_token / 1000
 
 
 @dataclass(frozen=True, slots=True)
@@ -239,6 +259,7 @@ class ProxyApp:
         client_write_timeout: float = 60.0,
         max_concurrency: int = 0,
         record: bool = True,
+        count_tokens: bool = True,
         clock: Callable[[], int] = time.perf_counter_ns,
         random: Callable[[], float] = random.random,
     ) -> None:
@@ -257,6 +278,7 @@ class ProxyApp:
         self._max_concurrency = max_concurrency  # 0: no limit
         self._in_flight = 0  # requests forwarded and not yet answered, all variants
         self._record = record
+        self._count_tokens = count_tokens  # off only to measure what counting costs (benchmarks)
         self._clock = clock
 
     def _choose(self, target: bytes | None) -> Variant | None:
@@ -382,29 +404,54 @@ class ProxyApp:
     async def _stream_back(self, response: UpstreamResponse, record: Invocation, send: Send, guard: _Guard) -> None:
         """The model's response to the client: whole if it is in already, else chunk by chunk as it comes.
 
-        Time blocked in ``send()`` before the model's last byte is the client's, not the model's."""
+        Time blocked in ``send()`` before the model's last byte is the client's, not the model's. A streamed
+        response (chunked, or read to the close) is also timed chunk by chunk, and an OpenAI-compatible event
+        stream has its tokens counted as it passes."""
         clock = self._clock
         timing = _server_timing(record.t_head - record.t_send, record.t_send - record.t_in)
         headers = self._response_headers(response.status, response.headers, timing, record.variant)
         start = {"type": "http.response.start", "status": response.status, "headers": headers}
         record.responded = True
+        content_type = next((v for n, v in response.headers if n == b"content-type"), b"")
         if response.complete:
             record.t_done = record.t_head
             guard.stop()
             body = response.take_buffered()
             record.response_bytes = len(body)
+            if record.counted and self._count_tokens:
+                self._count_whole(record, content_type, body, response.streamed)
             await send(start)
+            if response.streamed and body:
+                record.t_first_byte = record.t_head  # a whole stream that came with its head
+                record.t_first_out = clock()
             await send({"type": "http.response.body", "body": body})
             return
         await send(start)
         record.blocked_ns += clock() - record.t_head
+        streamed = response.streamed
+        recorder = record.variant.recorder if record.counted and streamed and record.variant is not None else None
+        tokens = StreamTokens() if recorder is not None and self._count_tokens and content_type.startswith(EVENT_STREAM) else None
+        # A sized JSON answer that did not come with its head: kept (bounded) for its usage object.
+        whole: list[bytes] | None = None
+        if record.counted and self._count_tokens and not streamed and content_type.startswith(b"application/json"):
+            length = next((v for n, v in response.headers if n == b"content-length"), b"")
+            if length.isdigit() and int(length) <= MAX_JSON_BODY:
+                whole = []
         chunk = response.take_buffered()
-        if chunk and response.streamed:
-            record.first_byte_ns = record.t_head - record.t_send
+        arrived = record.t_head  # when the chunk in hand came from the model
+        blocked = record.blocked_ns  # blocked_ns when it came
+        if chunk and streamed:
+            record.t_first_byte = arrived
         while True:
             if chunk:
                 record.response_bytes += len(chunk)
+                if tokens is not None:
+                    tokens.feed(chunk, arrived)
+                elif whole is not None:
+                    whole.append(chunk)
                 t0 = clock()
+                if streamed and not record.t_first_out:
+                    record.t_first_out = t0
                 guard.writing()
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
                 record.blocked_ns += clock() - t0
@@ -412,11 +459,38 @@ class ProxyApp:
             chunk = await response.read()
             if not chunk:
                 break
-            if record.first_byte_ns is None and response.streamed:
-                record.first_byte_ns = clock() - record.t_send
+            now = clock()
+            if streamed and not record.t_first_byte:
+                record.t_first_byte = now
+            elif recorder is not None:
+                recorder.inter_chunk((now - arrived - (record.blocked_ns - blocked)) // 1000)
+            arrived, blocked = now, record.blocked_ns
         record.t_done = clock()
         guard.stop()
+        if tokens is not None:
+            tokens.finish(arrived)
+            record.input_tokens = tokens.input_tokens
+            record.output_tokens = tokens.output_tokens
+            record.time_per_output_token_ns = tokens.time_per_output_token_ns()
+        elif whole is not None:
+            usage = json_usage(content_type, b"".join(whole))
+            if usage is not None:
+                record.input_tokens, record.output_tokens = usage
         await send({"type": "http.response.body", "body": b""})
+
+    @staticmethod
+    def _count_whole(record: Invocation, content_type: bytes, body: bytes, streamed: bool) -> None:
+        """The tokens of a response that came whole with its head."""
+        if streamed and content_type.startswith(EVENT_STREAM):
+            tokens = StreamTokens()
+            tokens.feed(body, record.t_head)
+            tokens.finish(record.t_head)
+            record.input_tokens, record.output_tokens = tokens.input_tokens, tokens.output_tokens
+            record.time_per_output_token_ns = tokens.time_per_output_token_ns()
+            return
+        usage = json_usage(content_type, body)
+        if usage is not None:
+            record.input_tokens, record.output_tokens = usage
 
     def _request_headers(self, scope: Scope) -> tuple[Headers, int | None, bytes | None]:
         """The headers for the model (Host first, set once the variant is known), the declared

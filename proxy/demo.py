@@ -121,8 +121,8 @@ def _quantile(samples: dict[str, list[tuple[dict[str, str], float]]], histogram:
 
 
 def _table(samples: dict[str, list[tuple[dict[str, str], float]]]) -> list[str]:
-    def ms(us: float) -> str:
-        return "      -" if us != us else f"{us / 1000:7.2f}"
+    def ms(seconds: float) -> str:
+        return "      -" if seconds != seconds else f"{seconds * 1000:7.2f}"
 
     rows = [
         ("Invocations", d.INVOCATIONS),

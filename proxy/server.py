@@ -173,6 +173,7 @@ def _proxy_app(
         client_write_timeout=settings.client_write_timeout,
         max_concurrency=settings.max_concurrency,
         record=settings.record_metrics,
+        count_tokens=settings.count_tokens,
     )
     return app, variants
 

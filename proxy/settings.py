@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from metrics.definitions import DEFAULT_MODEL_LATENCY_BUCKETS_US, DEFAULT_OVERHEAD_LATENCY_BUCKETS_US
+from metrics.definitions import DEFAULT_MODEL_LATENCY_BUCKETS, DEFAULT_OVERHEAD_LATENCY_BUCKETS
 
 ENV_PREFIX = "SAGEMAKER_PROXY_"
 # SageMaker's own rule for endpoint and variant names.
@@ -141,9 +141,9 @@ def _buckets(raw: str) -> tuple[float, ...]:
     try:
         values = tuple(float(v) for v in raw.split(",") if v.strip())
     except ValueError:
-        raise ValueError(f"must be a comma-separated list of microseconds, got {raw!r}") from None
+        raise ValueError(f"must be a comma-separated list of seconds, got {raw!r}") from None
     if not values or any(not math.isfinite(v) or v <= 0 for v in values) or list(values) != sorted(set(values)):
-        raise ValueError(f"must be increasing positive microseconds, got {raw!r}")
+        raise ValueError(f"must be increasing positive seconds, got {raw!r}")
     return values
 
 
@@ -264,6 +264,10 @@ class Option:
 
 
 _MISSING: Any = object()
+
+
+def _seconds(values: Sequence[float]) -> str:
+    return ",".join(f"{v:.6f}".rstrip("0").rstrip(".") for v in values)
 
 
 def _show(value: Any) -> str:
@@ -398,12 +402,12 @@ class Settings:
     max_concurrency: int = option("--max-concurrency", _int_between(0, 1_000_000), "requests forwarded at once per process (per worker); beyond it, 503 at once; `0`: no limit", 0)
     ping_path: str = option("--ping-path", _path, "the model's health check, used by `/readyz`", "/ping")
     model_latency_buckets: tuple[float, ...] = option(
-        "--model-latency-buckets", _buckets, "ModelLatency histogram buckets, comma-separated microseconds",
-        DEFAULT_MODEL_LATENCY_BUCKETS_US, shown=",".join(f"{b:.0f}" for b in DEFAULT_MODEL_LATENCY_BUCKETS_US),
+        "--model-latency-buckets", _buckets, "ModelLatency and first-chunk latency histogram buckets, comma-separated seconds",
+        DEFAULT_MODEL_LATENCY_BUCKETS, shown=_seconds(DEFAULT_MODEL_LATENCY_BUCKETS),
     )
     overhead_latency_buckets: tuple[float, ...] = option(
-        "--overhead-latency-buckets", _buckets, "OverheadLatency histogram buckets, comma-separated microseconds",
-        DEFAULT_OVERHEAD_LATENCY_BUCKETS_US, shown=",".join(f"{b:.0f}" for b in DEFAULT_OVERHEAD_LATENCY_BUCKETS_US),
+        "--overhead-latency-buckets", _buckets, "OverheadLatency (and the first chunk's) histogram buckets, comma-separated seconds",
+        DEFAULT_OVERHEAD_LATENCY_BUCKETS, shown=_seconds(DEFAULT_OVERHEAD_LATENCY_BUCKETS),
     )
     http_server: str = option("--http-server", _http_server, "the proxy port's server: `builtin` (see the front door) or `uvicorn`, the reference, without the limits below but `--keep-alive-timeout`", "builtin")
     request_head_timeout: float = option(
@@ -424,6 +428,8 @@ class Settings:
     log_level: str = _log_level_option()
     # Benchmark-only (--no-record-metrics, not shown): forward without recording metrics, to measure what recording costs.
     record_metrics: bool = True
+    # Benchmark-only (--no-count-tokens, not shown): forward event streams without counting their tokens.
+    count_tokens: bool = True
 
     @property
     def variants(self) -> tuple[VariantConfig, ...]:
@@ -477,6 +483,7 @@ def add_options(parser: argparse.ArgumentParser, options: Sequence[Option], *, b
             parser.add_argument(opt.flag, dest=opt.dest, help=help_text)
     if benchmark_switch:  # benchmark-only; not part of the user-facing flags
         parser.add_argument("--no-record-metrics", dest="record_metrics", action="store_false", help=argparse.SUPPRESS)
+        parser.add_argument("--no-count-tokens", dest="count_tokens", action="store_false", help=argparse.SUPPRESS)
 
 
 def _values(cls: type, args: argparse.Namespace, environ: Mapping[str, str], fallbacks: Mapping[str, tuple[str, str]], missing: list[str]) -> dict[str, Any]:
@@ -524,7 +531,8 @@ def resolve(args: argparse.Namespace, environ: Mapping[str, str]) -> Settings:
         missing.append("--upstream is required (or set SAGEMAKER_PROXY_UPSTREAM), or give --variant")
     if missing:
         raise ConfigError("; ".join(missing))
-    settings: Settings = _make(Settings, {**values, "record_metrics": getattr(args, "record_metrics", True)})
+    benchmark = {"record_metrics": getattr(args, "record_metrics", True), "count_tokens": getattr(args, "count_tokens", True)}
+    settings: Settings = _make(Settings, {**values, **benchmark})
     settings.check()
     return settings
 
@@ -568,10 +576,11 @@ def update_readme(path: Path) -> None:
     """Rewrite the flag tables between their markers in ``path``: ``python -m proxy.settings README.md``."""
     text = path.read_text()
     for name, opts in (("serve", SERVE_OPTIONS), ("monitor", MONITOR_OPTIONS)):
-        begin, end = f"<!-- flags: {name} -->\n", f"\n<!-- /flags: {name} -->"
-        head, _, rest = text.partition(begin)
-        _, _, tail = rest.partition(end)
-        text = f"{head}{begin}{flag_table(opts)}{end}{tail}"
+        pattern = re.compile(rf"(<!-- flags: {name} -->\n).*?(<!-- /flags: {name} -->)", re.DOTALL)
+        replacement = f"<!-- flags: {name} -->\n{flag_table(opts)}\n<!-- /flags: {name} -->".replace("\\", "\\\\")
+        text, found = pattern.subn(replacement, text)
+        if found != 1:
+            raise SystemExit(f"{path}: no <!-- flags: {name} --> ... <!-- /flags: {name} --> block")
     path.write_text(text)
 
 

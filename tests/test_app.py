@@ -7,6 +7,7 @@ import json
 from collections import deque
 from collections.abc import Callable
 
+import pytest
 from prometheus_client import CollectorRegistry
 
 from metrics.recorder import InvocationMetrics, InvocationRecorder
@@ -134,11 +135,12 @@ def test_sized_response_model_and_overhead_latency_are_exact() -> None:
     assert b"connection" not in headers
     assert sent[1]["body"] == b"ok"
     # The model took 5 ms; the two sends to the client took 1 ms each, which is overhead.
-    assert value(registry, "sagemaker_model_latency_microseconds_sum") == 5000
-    assert value(registry, "sagemaker_overhead_latency_microseconds_sum") == 2000
+    assert value(registry, "sagemaker_model_latency_seconds_sum") == pytest.approx(0.005)
+    assert value(registry, "sagemaker_overhead_latency_seconds_sum") == pytest.approx(0.002)
     assert value(registry, "sagemaker_invocations_total") == 1
     assert value(registry, "sagemaker_invocations_per_instance_total") == 0.5
-    assert value(registry, "sagemaker_model_first_byte_latency_microseconds_count") == 0
+    assert value(registry, "sagemaker_first_chunk_model_latency_seconds_count") == 0  # not a stream
+    assert value(registry, "sagemaker_response_size_bytes_sum") == 2
     assert value(registry, "sagemaker_concurrent_requests_per_model") == 0
 
 
@@ -151,10 +153,17 @@ def test_streamed_response_time_blocked_on_the_client_is_overhead() -> None:
     assert [m.get("body") for m in sent[1:]] == [b"a", b"b", b"c", b""]
     # Model: 10 ms to the head + 3 chunks of 10 ms + 10 ms to the end = 50 ms.
     # Client: start + 3 chunks blocked 2 ms each while the model was still answering, + the final send.
-    assert value(registry, "sagemaker_model_latency_microseconds_sum") == 50_000
-    assert value(registry, "sagemaker_overhead_latency_microseconds_sum") == 5 * 2000
-    # First body byte: head (10) + start sent (2) + first read (10).
-    assert value(registry, "sagemaker_model_first_byte_latency_microseconds_sum") == 22_000
+    assert value(registry, "sagemaker_model_latency_seconds_sum") == pytest.approx(0.050)
+    assert value(registry, "sagemaker_overhead_latency_seconds_sum") == pytest.approx(5 * 0.002)
+    # The model's first body byte: head (10) + start sent (2) + first read (10).
+    assert value(registry, "sagemaker_first_chunk_model_latency_seconds_sum") == pytest.approx(0.022)
+    # Handed to the client as it came: the first chunk added nothing to the model's wait (the request took no time to accept).
+    assert value(registry, "sagemaker_first_chunk_latency_seconds_sum") == pytest.approx(0.022)
+    assert value(registry, "sagemaker_first_chunk_overhead_latency_seconds_sum") == pytest.approx(0.0)
+    # Gaps between chunks: 10 ms each, the 2 ms blocked on the client left out.
+    assert value(registry, "sagemaker_inter_chunk_latency_seconds_count") == 2
+    assert value(registry, "sagemaker_inter_chunk_latency_seconds_sum") == pytest.approx(0.020)
+    assert value(registry, "sagemaker_mid_stream_errors_total") == 0
     assert response.closed
 
 
@@ -180,7 +189,7 @@ def test_failed_model_call_is_a_502_an_invocation_and_a_model_error() -> None:
     assert value(registry, "sagemaker_invocation_model_errors_total") == 1
     assert value(registry, "sagemaker_invocation_5xx_errors_total") == 0
     assert value(registry, "sagemaker_proxy_upstream_errors_total", reason="connect_failed") == 1
-    assert value(registry, "sagemaker_model_latency_microseconds_sum") == 3000
+    assert value(registry, "sagemaker_model_latency_seconds_sum") == pytest.approx(0.003)
 
 
 def test_oversized_body_is_refused_before_the_model() -> None:

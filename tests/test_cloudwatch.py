@@ -150,7 +150,7 @@ def test_statistic_sets_arrive_in_cloudwatch(model: Running, moto: Running, aws_
     assert latency["Unit"] == "Microseconds"
     assert 20_000 <= latency["Maximum"] < 1_000_000
     # The same figures as the Prometheus histogram, which sees the same invocations.
-    assert latency["Sum"] == pytest.approx(proxy.value("sagemaker_model_latency_microseconds_sum"))
+    assert latency["Sum"] == pytest.approx(proxy.value("sagemaker_model_latency_seconds_sum") * 1e6)
     overhead = statistics(moto.url, namespace, "OverheadLatency")
     assert overhead["SampleCount"] == 9 and 0 < overhead["Minimum"] <= overhead["Maximum"] < 100_000
     concurrency = statistics(moto.url, namespace, "ConcurrentRequestsPerModel")
@@ -363,3 +363,25 @@ def test_concurrency_with_workers_is_the_count_across_workers(
     assert 19 <= concurrency["Maximum"] <= 20, concurrency
     assert concurrency["Minimum"] >= 1, concurrency
     assert wait_for_statistics(moto.url, namespace, "Invocations", 20)["Sum"] == 20
+
+
+@pytest.mark.e2e
+def test_stream_metrics_arrive_in_cloudwatch(model: Running, moto: Running, aws_env: None, start_proxy: Callable[..., Proxy]) -> None:
+    """Two streams (the model waits 100 ms, then 3 events) and one sized answer: the first-chunk statistic sets
+    hold the two streams, in Microseconds, and MidStreamErrors counts none of the three."""
+    namespace = f"Test{uuid.uuid4().hex[:8]}"
+    proxy = start_proxy(model.url, *cloudwatch_flags(moto.url, namespace))
+    for _ in range(2):
+        r = httpx.post(f"{proxy.url}/invocations", json=IRIS, headers={"X-Test-Delay-Ms": "100", "X-Test-Stream-Chunks": "3"})
+        assert r.status_code == 200 and r.content.count(b"data:") == 3
+    assert httpx.post(f"{proxy.url}/invocations", json=IRIS).status_code == 200
+    assert wait_for_statistics(moto.url, namespace, "Invocations", 3)["Sum"] == 3
+    model_first = wait_for_statistics(moto.url, namespace, "FirstChunkModelLatency", 2)
+    assert model_first["Unit"] == "Microseconds" and 100_000 <= model_first["Minimum"] <= model_first["Maximum"] < 200_000
+    first = statistics(moto.url, namespace, "FirstChunkLatency")
+    overhead = statistics(moto.url, namespace, "FirstChunkOverheadLatency")
+    assert first["SampleCount"] == overhead["SampleCount"] == 2
+    assert first["Sum"] == pytest.approx(model_first["Sum"] + overhead["Sum"], abs=4)
+    assert first["Sum"] == pytest.approx(proxy.value("sagemaker_first_chunk_latency_seconds_sum") * 1e6, abs=4)
+    mid_stream = statistics(moto.url, namespace, "MidStreamErrors")
+    assert (mid_stream["SampleCount"], mid_stream["Sum"], mid_stream["Unit"]) == (3, 0, "Count")

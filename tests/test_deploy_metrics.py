@@ -237,8 +237,8 @@ def variable_query(variable: dict[str, Any]) -> str:
     [
         ('rate(sagemaker_invocations_total{endpoint_name="a", variant_name=~"$variant_name"}[5m])', {"sagemaker_invocations_total"}),
         (
-            "histogram_quantile(0.99, sum by (le, endpoint_name) (rate(sagemaker_model_latency_microseconds_bucket[$__rate_interval])))",
-            {"sagemaker_model_latency_microseconds_bucket"},
+            "histogram_quantile(0.99, sum by (le, endpoint_name) (rate(sagemaker_model_latency_seconds_bucket[$__rate_interval])))",
+            {"sagemaker_model_latency_seconds_bucket"},
         ),
         ("sum(rate(a_total[5m])) without (instance) / ignoring(reason) group_left(host) b > bool 0.5", {"a_total", "b"}),
         ("sum without (job) (x) * on(instance) group_left up", {"x", "up"}),
@@ -267,10 +267,10 @@ def test_extractor_catches_a_misspelled_metric_and_a_histogram_without_its_suffi
     exported = exported_names()
     sample = (
         "sum by (endpoint_name) (rate(sagemaker_invocation_total[5m]))"  # missing the s of invocations
-        " / histogram_quantile(0.99, rate(sagemaker_model_latency_microseconds[5m]))"  # a histogram has no bare series
+        " / histogram_quantile(0.99, rate(sagemaker_model_latency_seconds[5m]))"  # a histogram has no bare series
         " + sum(rate(sagemaker_invocations_total[5m]))"
     )
-    assert metric_names(sample) - exported == {"sagemaker_invocation_total", "sagemaker_model_latency_microseconds"}
+    assert metric_names(sample) - exported == {"sagemaker_invocation_total", "sagemaker_model_latency_seconds"}
 
 
 @pytest.mark.parametrize("expr", ["rate(x{a=}[5m])", "sum(rate(x[5m])", "sum(x))", 'x{a="b"', "rate(x[5m)]", "{job=~\"a.*\"}", "x ? y"])
@@ -286,7 +286,7 @@ def test_exported_names_follow_the_prometheus_conventions() -> None:
             assert metric.prometheus_name.endswith("_total"), metric.prometheus_name
         if metric.kind is Kind.HISTOGRAM:
             assert metric.prometheus_name not in exported
-    assert "sagemaker_model_latency_microseconds_bucket" in exported and "sagemaker_invocations_total" in exported
+    assert "sagemaker_model_latency_seconds_bucket" in exported and "sagemaker_invocations_total" in exported
 
 
 # --- the dashboard ---
@@ -337,13 +337,24 @@ def test_dashboard_variables_and_data_source() -> None:
     titles = " | ".join(p["title"] for p in panels)
     for wanted in ("Invocations per second", "ModelLatency", "OverheadLatency", "InvocationsPerInstance", "Concurrent",
                    "Live instances", "CPU", "Memory", "GPU", "Disk", "Rejected", "Upstream errors", "Client disconnects",
-                   "publish"):
+                   "publish", "First chunk", "Mid-stream errors", "Output tokens", "Time per output token"):
         assert wanted in titles, wanted
     for panel in panels:
         assert panel["datasource"] == DATASOURCE, panel["title"]
         assert panel["targets"], panel["title"]
         for target in panel["targets"]:
             assert target["datasource"] == DATASOURCE, panel["title"]
+
+
+def test_panels_of_seconds_histograms_show_seconds() -> None:
+    """Durations are exported in seconds: their panels say so, and no query converts them."""
+    panels = [p for p in dashboard_panels() if p["type"] != "row"]
+    timed = [p for p in panels if any(re.search(r"_seconds_(bucket|sum|count)\b", t["expr"]) for t in p["targets"])]
+    assert len(timed) >= 4, [p["title"] for p in timed]
+    for panel in timed:
+        assert panel["fieldConfig"]["defaults"]["unit"] == "s", panel["title"]
+    for expr in dashboard_exprs() + [rule["expr"] for rule in rules()]:
+        assert not re.search(r"\b1e[36]\b|_microseconds", expr), expr
 
 
 def test_latency_panels_take_quantiles_of_bucket_rates_by_le() -> None:

@@ -46,8 +46,9 @@ def test_known_mix_is_counted_exactly(model: Running, start_proxy: Callable[...,
     assert proxy.value("sagemaker_invocation_model_errors_total") == 3 + 2 + 2
     assert proxy.value("sagemaker_proxy_upstream_errors_total", reason="timeout") == 2
     assert proxy.value("sagemaker_invocations_per_instance_total") == pytest.approx(n / 4)
-    assert proxy.value("sagemaker_model_latency_microseconds_count") == n
-    assert proxy.value("sagemaker_overhead_latency_microseconds_count") == n
+    assert proxy.value("sagemaker_model_latency_seconds_count") == n
+    assert proxy.value("sagemaker_overhead_latency_seconds_count") == n
+    assert proxy.value("sagemaker_request_size_bytes_count") == n
     assert proxy.value("sagemaker_concurrent_requests_per_model") == 0
     assert proxy.value("sagemaker_live_instances") == 4
 
@@ -121,9 +122,9 @@ def test_model_latency_matches_a_known_model_time(model: Running, start_proxy: C
     n = 20
     for _ in range(n):
         assert invoke(proxy, {"X-Test-Delay-Ms": str(delay_ms)}).status_code == 200
-    count = proxy.value("sagemaker_model_latency_microseconds_count") - 1
-    model_mean_us = (proxy.value("sagemaker_model_latency_microseconds_sum") - 0) / (count + 1)
-    overhead_mean_us = proxy.value("sagemaker_overhead_latency_microseconds_sum") / (count + 1)
+    count = proxy.value("sagemaker_model_latency_seconds_count") - 1
+    model_mean_us = proxy.value("sagemaker_model_latency_seconds_sum") * 1e6 / (count + 1)
+    overhead_mean_us = proxy.value("sagemaker_overhead_latency_seconds_sum") * 1e6 / (count + 1)
     assert count == n
     # One warm-up call of ~1 ms is in the mean; the model sleeps 50 ms and parses a tiny body.
     expected_us = (n * delay_ms * 1000) / (n + 1)
@@ -144,8 +145,8 @@ def test_slow_upload_costs_overhead_not_model_time(model: Running, start_proxy: 
             sock.sendall(piece)
         reply = sock.recv(65536)
     assert reply.startswith(b"HTTP/1.1 200")
-    model_us = proxy.value("sagemaker_model_latency_microseconds_sum")
-    overhead_us = proxy.value("sagemaker_overhead_latency_microseconds_sum")
+    model_us = proxy.value("sagemaker_model_latency_seconds_sum") * 1e6
+    overhead_us = proxy.value("sagemaker_overhead_latency_seconds_sum") * 1e6
     assert overhead_us > len(pieces) * 50_000 * 0.9, overhead_us
     assert model_us < 50_000, model_us
 
@@ -164,11 +165,11 @@ def test_streamed_response_arrives_chunk_by_chunk(model: Running, start_proxy: C
     # The first event reaches the client long before the model finishes (~0.8 s).
     assert arrivals[0][0] < 0.4
     assert arrivals[-1][0] > 0.7
-    assert proxy.value("sagemaker_model_first_byte_latency_microseconds_count") == 1
-    assert proxy.value("sagemaker_model_first_byte_latency_microseconds_sum") < 300_000
+    assert proxy.value("sagemaker_first_chunk_model_latency_seconds_count") == 1
+    assert proxy.value("sagemaker_first_chunk_model_latency_seconds_sum") < 0.3
     # Model time covers the whole stream; overhead stays small.
-    assert proxy.value("sagemaker_model_latency_microseconds_sum") > 750_000
-    assert proxy.value("sagemaker_overhead_latency_microseconds_sum") < 50_000
+    assert proxy.value("sagemaker_model_latency_seconds_sum") > 0.75
+    assert proxy.value("sagemaker_overhead_latency_seconds_sum") < 0.05
 
 
 def test_payload_over_the_limit_is_refused_and_never_reaches_the_model(faulty_model: Running, start_proxy: Callable[..., Proxy]) -> None:
@@ -236,7 +237,7 @@ def test_client_disconnect_cancels_the_model_call(faulty_model: Running, start_p
     assert proxy.value("sagemaker_invocations_total") == 1
     assert proxy.value("sagemaker_proxy_client_disconnects_total") == 1
     assert proxy.value("sagemaker_invocation_model_errors_total") == 0
-    assert proxy.value("sagemaker_model_latency_microseconds_count") == 0
+    assert proxy.value("sagemaker_model_latency_seconds_count") == 0
     assert proxy.value("sagemaker_concurrent_requests_per_model") == 0
     # The upstream connection was closed, not reused: the next call gets a clean answer.
     assert invoke(proxy).status_code == 200

@@ -78,7 +78,7 @@ def test_prometheus_sees_exactly_what_was_sent(
     prometheus_binary: str, model: Running, start_proxy: Callable[..., Proxy], tmp_path: Path
 ) -> None:
     # Fine buckets around the model's known time, so the quantile can be read to within a bucket.
-    buckets = ",".join(str(b) for b in (10_000, 20_000, 25_000, 30_000, 32_000, 34_000, 36_000, 40_000, 50_000, 100_000))
+    buckets = ",".join(str(b) for b in (0.010, 0.020, 0.025, 0.030, 0.032, 0.034, 0.036, 0.040, 0.050, 0.100))
     proxy = start_proxy(model.url, "--model-latency-buckets", buckets)
     with running_prometheus(prometheus_binary, f"127.0.0.1:{proxy.metrics_port}", tmp_path) as prometheus:
         check_what_prometheus_stores(prometheus, proxy)
@@ -96,7 +96,7 @@ def check_what_prometheus_stores(prometheus: str, proxy: Proxy) -> None:
     assert query(prometheus, f"sagemaker_invocation_4xx_errors_total{selector}") == 3
     assert query(prometheus, f"sagemaker_invocations_per_instance_total{selector}") == sent + 3
     # The 25 slow calls dominate the median: it must sit at the model's time, within the bucket that holds it.
-    p50 = query(prometheus, f"histogram_quantile(0.5, sum by (le) (sagemaker_model_latency_microseconds_bucket{selector}))")
+    p50 = query(prometheus, f"histogram_quantile(0.5, sum by (le) (sagemaker_model_latency_seconds_bucket{selector}))")
     assert p50 is not None
-    assert DELAY_MS * 1000 <= p50 <= DELAY_MS * 1000 + 4000, p50
+    assert DELAY_MS / 1000 <= p50 <= DELAY_MS / 1000 + 0.004, p50
     assert query(prometheus, 'up{job="sagemaker-metrics-proxy"}') == 1

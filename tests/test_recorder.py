@@ -3,8 +3,10 @@ the same samples either way, and a dead worker's counts are kept."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
+import pytest
 from prometheus_client import CollectorRegistry, multiprocess
 from prometheus_client.exposition import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
@@ -14,20 +16,40 @@ from metrics.recorder import InvocationMetrics, InvocationRecorder
 from proxy.errors import REJECT_REASONS, UPSTREAM_ERROR_REASONS
 
 
+@dataclass
+class Ended:
+    """An ended invocation as the recorder reads it (metrics.recorder.Outcome)."""
+
+    status: int = 200
+    model_us: int = 0
+    overhead_us: int = 30
+    instances: int = 1
+    upstream_error: str | None = None
+    abandoned: bool = False
+    request_bytes: int = 10
+    response_bytes: int = 100
+    first_chunk_us: int | None = None
+    first_chunk_model_us: int | None = None
+    mid_stream_error: bool = False
+    input_tokens: int = 0
+    output_tokens: int = 0
+    time_per_output_token_us: float | None = None
+
+
 def record_a_mix(shared: SharedFiles | None = None) -> CollectorRegistry:
     registry = CollectorRegistry()
-    metrics = InvocationMetrics(registry, shared=shared, model_latency_buckets=(100, 1000, 10_000))
+    metrics = InvocationMetrics(registry, shared=shared, model_latency_buckets=(0.0001, 0.001, 0.01))
     blue, green = (
         InvocationRecorder(metrics, endpoint_name="ep", variant_name=v, reject_reasons=REJECT_REASONS, upstream_error_reasons=UPSTREAM_ERROR_REASONS)
         for v in ("blue", "green")
     )
     for status, model_us in ((200, 50), (200, 100), (404, 999), (503, 20_000)):
         blue.invocation_started()
-        blue.invocation_finished(status=status, upstream_error=None, model_us=model_us, overhead_us=30, instances=2, first_byte_us=40)
+        blue.invocation_ended(Ended(status, model_us, instances=2, first_chunk_us=70, first_chunk_model_us=40, output_tokens=3))
     green.invocation_started()
-    green.invocation_finished(status=502, upstream_error="timeout", model_us=60_000_000, overhead_us=5, instances=3)
+    green.invocation_ended(Ended(502, 60_000_000, 5, instances=3, upstream_error="timeout", mid_stream_error=True))
     green.invocation_started()
-    green.invocation_abandoned(instances=3)
+    green.invocation_ended(Ended(instances=3, abandoned=True))
     green.invocation_started()  # still in flight
     blue.rejected("payload_too_large")
     blue.live_instances(2)
@@ -62,9 +84,13 @@ def test_files_written_lock_free_merge_to_the_same_samples(tmp_path: Path) -> No
     assert fast[("sagemaker_invocations_total", blue)] == 4
     assert fast[("sagemaker_invocations_total", green)] == 2
     assert fast[("sagemaker_concurrent_requests_per_model", green)] == 1
-    assert fast[("sagemaker_model_latency_microseconds_bucket", blue | {("le", "100.0")})] == 2  # 50 and 100: le is inclusive
-    assert fast[("sagemaker_model_latency_microseconds_bucket", blue | {("le", "+Inf")})] == 4
-    assert fast[("sagemaker_model_latency_microseconds_sum", blue)] == 50 + 100 + 999 + 20_000
+    assert fast[("sagemaker_model_latency_seconds_bucket", blue | {("le", "0.0001")})] == 2  # 50 and 100 us: le is inclusive
+    assert fast[("sagemaker_model_latency_seconds_bucket", blue | {("le", "+Inf")})] == 4
+    assert fast[("sagemaker_model_latency_seconds_sum", blue)] == pytest.approx((50 + 100 + 999 + 20_000) / 1e6)
+    assert fast[("sagemaker_first_chunk_overhead_latency_seconds_sum", blue)] == pytest.approx(4 * 30 / 1e6)
+    assert fast[("sagemaker_output_tokens_total", blue)] == 12
+    assert fast[("sagemaker_mid_stream_errors_total", green)] == 1
+    assert fast[("sagemaker_request_size_bytes_count", green)] == 2  # the abandoned invocation too
     assert fast[("sagemaker_invocations_per_instance_total", green)] == 2 / 3
 
 
@@ -76,7 +102,7 @@ def test_two_workers_add_up_and_a_dead_one_keeps_its_counts(tmp_path: Path) -> N
     green = frozenset({"endpoint_name": "ep", "variant_name": "green"}.items())
     blue = frozenset({"endpoint_name": "ep", "variant_name": "blue"}.items())
     assert both[("sagemaker_invocations_total", green)] == 4
-    assert both[("sagemaker_model_latency_microseconds_count", blue)] == 8
+    assert both[("sagemaker_model_latency_seconds_count", blue)] == 8
     assert both[("sagemaker_concurrent_requests_per_model", green)] == 2  # livesum: one in flight in each
     assert both[("sagemaker_live_instances", blue)] == 2  # livemax, not 4
     one.close()

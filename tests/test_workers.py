@@ -50,7 +50,7 @@ def test_requests_spread_over_workers_are_counted_once(model: Running, start_pro
         assert r.status_code == 200
     assert proxy.value("sagemaker_invocations_total") == m
     assert proxy.value("sagemaker_invocations_per_instance_total") == pytest.approx(m)
-    assert proxy.value("sagemaker_model_latency_microseconds_count") == m
+    assert proxy.value("sagemaker_model_latency_seconds_count") == m
     assert proxy.value("sagemaker_concurrent_requests_per_model") == 0
     assert proxy.value("sagemaker_live_instances") == 1
 

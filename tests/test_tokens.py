@@ -1,0 +1,74 @@
+"""The event-stream token counter against byte streams cut every possible way."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from proxy.tokens import StreamTokens, json_usage
+
+
+def event(payload: object) -> bytes:
+    return b"data: " + json.dumps(payload).encode() + b"\n\n"
+
+
+def chat(content: str) -> bytes:
+    return event({"object": "chat.completion.chunk", "choices": [{"index": 0, "delta": {"content": content}}]})
+
+
+STREAM = (
+    event({"choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}}]})  # no token
+    + chat("Hello")
+    + b": a comment\n\n"
+    + chat(" wor")
+    + chat("ld")
+    + event({"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]})  # no token
+    + b"data: [DONE]\n\n"
+)
+
+
+@pytest.mark.parametrize("cut", [1, 2, 7, 64, len(STREAM)])
+def test_events_split_across_chunks_and_several_per_chunk(cut: int) -> None:
+    tokens = StreamTokens()
+    for i, start in enumerate(range(0, len(STREAM), cut)):
+        tokens.feed(STREAM[start : start + cut], now=1000 * (i + 1))
+    tokens.finish(now=10**9)
+    assert (tokens.content_events, tokens.output_tokens, tokens.input_tokens) == (3, 3, 0)
+
+
+def test_usage_wins_over_the_event_count_and_time_per_token_spans_first_to_last() -> None:
+    tokens = StreamTokens()
+    tokens.feed(chat("a"), now=1_000_000)
+    tokens.feed(chat("b").replace(b"\n", b"\r\n"), now=2_000_000)  # CRLF line ends
+    tokens.feed(chat("c"), now=5_000_000)
+    tokens.feed(event({"choices": [], "usage": {"prompt_tokens": 9, "completion_tokens": 5}}), now=6_000_000)
+    tokens.finish(now=7_000_000)
+    assert (tokens.output_tokens, tokens.input_tokens) == (5, 9)
+    assert tokens.time_per_output_token_ns() == (5_000_000 - 1_000_000) / 4
+
+
+def test_completions_text_and_an_event_without_its_blank_line() -> None:
+    tokens = StreamTokens()
+    tokens.feed(b'data: {"choices": [{"text": "x"}]}\n\ndata: {"choices": [{"text": "y"}]}', now=1)
+    tokens.finish(now=2)
+    assert tokens.output_tokens == 2
+    assert tokens.time_per_output_token_ns() == 1.0
+
+
+def test_not_json_and_an_endless_line_count_nothing() -> None:
+    tokens = StreamTokens()
+    tokens.feed(b"data: 1\n\ndata: {not json}\n\n", now=1)
+    tokens.feed(b"x" * (2 << 20), now=2)  # no newline for 2 MiB: not an OpenAI stream
+    tokens.feed(chat("late"), now=3)
+    tokens.finish(now=4)
+    assert tokens.output_tokens == 0 and tokens.gave_up
+    assert tokens.time_per_output_token_ns() is None
+
+
+def test_json_usage() -> None:
+    body = json.dumps({"choices": [{"message": {"content": "hi"}}], "usage": {"prompt_tokens": 3, "completion_tokens": 7}}).encode()
+    assert json_usage(b"application/json; charset=utf-8", body) == (3, 7)
+    assert json_usage(b"text/plain", body) is None
+    assert json_usage(b"application/json", b'{"predictions": [1]}') is None
+    assert json_usage(b"application/json", b'{"usage": 1') is None
