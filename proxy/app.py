@@ -23,6 +23,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from metrics.recorder import InvocationRecorder
+from proxy import runtime_api
 from proxy.errors import Fault, UpstreamError, error_body
 from proxy.http.client import GATHER_BYTES, UpstreamClient, UpstreamResponse
 from proxy.instances import InstanceCountSource
@@ -260,6 +261,7 @@ class ProxyApp:
         max_concurrency: int = 0,
         record: bool = True,
         count_tokens: bool = True,
+        endpoint_name: str = "",
         clock: Callable[[], int] = time.perf_counter_ns,
         random: Callable[[], float] = random.random,
     ) -> None:
@@ -279,6 +281,9 @@ class ProxyApp:
         self._in_flight = 0  # requests forwarded and not yet answered, all variants
         self._record = record
         self._count_tokens = count_tokens  # off only to measure what counting costs (benchmarks)
+        # The Runtime API: the endpoint it answers for, and where the model takes invocations.
+        self._endpoint_name = endpoint_name
+        self._model_path = next((p for m, p in sorted(invocation_routes) if m == "POST"), "/invocations").encode()
         self._clock = clock
 
     def _choose(self, target: bytes | None) -> Variant | None:
@@ -294,6 +299,20 @@ class ProxyApp:
         if scope["type"] != "http":
             return  # lifespan is handled by the server; websockets are refused by returning
         record = Invocation(self._clock())
+        path: str = scope["path"]
+        if path[:11] == "/endpoints/":
+            call = runtime_api.target(path)
+            if call is not None:
+                # The SageMaker Runtime API: the same phases, its shapes on the way in and out.
+                api = runtime_api.RuntimeSend(send, call)
+                if call.endpoint != self._endpoint_name:
+                    for message in runtime_api.unknown_endpoint(call.endpoint):
+                        await send(message)
+                    return
+                request = await self._accept(scope, receive, api, record)
+                if request is not None:
+                    await self._invoke(request, record, scope, receive, api)
+                return
         request = await self._accept(scope, receive, send, record)
         if request is not None:
             await self._invoke(request, record, scope, receive, send)
@@ -310,7 +329,16 @@ class ProxyApp:
         if not raw_path.startswith(b"/"):
             await self._refuse(send, Fault.MALFORMED_REQUEST, "request target must be a path")
             return None
+        api = send if isinstance(send, runtime_api.RuntimeSend) else None
+        if api is not None and method != "POST":
+            await self._refuse(send, Fault.METHOD_NOT_ALLOWED, f"{'InvokeEndpointWithResponseStream' if api.streaming else 'InvokeEndpoint'} takes POST")
+            return None
         headers, declared, target_variant = self._request_headers(scope)
+        if api is not None:
+            headers = [headers[0], *runtime_api.request_headers(scope["headers"], api.streaming)]
+            raw_path, scope_path = self._model_path, self._model_path.decode()
+        else:
+            scope_path = scope["path"]
         if declared is not None and declared > self._max_payload:
             await self._refuse(send, Fault.PAYLOAD_TOO_LARGE)
             return None
@@ -331,9 +359,9 @@ class ProxyApp:
             await self._refuse(send, Fault.OVER_CAPACITY, variant=variant)
             return None
         headers[0] = (b"host", variant.upstream.authority)
-        query: bytes = scope.get("query_string", b"")
+        query: bytes = scope.get("query_string", b"") if api is None else b""
         record.variant = variant
-        record.counted = self._record and (method, scope["path"]) in self._routes
+        record.counted = self._record and (api is not None or (method, scope_path) in self._routes)
         record.request_bytes = body_size(body)
         return _Forward(method.encode(), raw_path + b"?" + query if query else raw_path, headers, body)
 
@@ -368,9 +396,13 @@ class ProxyApp:
             record.status = response.status
             await self._stream_back(response, record, send, guard)
         except UpstreamError as e:
-            # The model failed after the head was sent: the client's connection must be aborted.
+            # The model failed after the head was sent: the client's connection must be aborted,
+            # or a Runtime API stream ended with its error event.
             record.t_done = clock()
             record.fault = e.fault
+            if isinstance(send, runtime_api.RuntimeSend) and send.streaming:
+                await send.stream_error(e.fault)
+                return
             raise
         except Exception:
             record.t_done = clock()
@@ -390,6 +422,9 @@ class ProxyApp:
             record.t_done = clock()
             record.fault = Fault.UPSTREAM_TIMEOUT
             if record.responded:
+                if isinstance(send, runtime_api.RuntimeSend) and send.streaming:
+                    await send.stream_error(Fault.UPSTREAM_TIMEOUT)
+                    return
                 raise UpstreamError(Fault.UPSTREAM_TIMEOUT) from None
             await self._refuse(send, Fault.UPSTREAM_TIMEOUT, None, _server_timing(record.t_done - record.t_send, record.t_send - record.t_in), variant)
         finally:
@@ -568,6 +603,9 @@ class ProxyApp:
         if not fault.invocation:
             variant.recorder.rejected(fault.reason)
         if fault.status is None:
+            return
+        if isinstance(send, runtime_api.RuntimeSend):
+            await send.refuse(fault, message or fault.message)
             return
         body = error_body(message or fault.message)
         headers: Headers = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(body))]

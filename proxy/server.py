@@ -174,6 +174,7 @@ def _proxy_app(
         max_concurrency=settings.max_concurrency,
         record=settings.record_metrics,
         count_tokens=settings.count_tokens,
+        endpoint_name=settings.endpoint_name,
     )
     return app, variants
 

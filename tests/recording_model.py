@@ -12,6 +12,11 @@ The request header ``X-Respond`` picks another answer:
 - ``head-204``: ``204 No Content``, a head and no body.
 - ``slow=MS``: the usual answer after MS milliseconds.
 - ``size=N``: the usual answer padded with spaces to N bytes (still JSON).
+- ``status=N``: status N with the JSON body ``{"error": "model says N"}``.
+- ``stream-die``: a chunked response of two chunks, 50 ms apart, then the connection closes without the last chunk.
+
+The SageMaker Runtime API passes the model no ``X-Respond``: there ``X-Amzn-SageMaker-Custom-Attributes:
+respond=...`` picks the answer, and any custom attributes come back in the response as ``echo:<attributes>``.
 - ``close``: the usual answer with ``Connection: close``, then close.
 
 A HEAD request gets the head of the answer (the usual one with its Content-Length) and never a body.
@@ -128,11 +133,25 @@ async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> 
                 continue
             received.append(request)
             respond = next((v for n, v in request["headers"] if n.lower() == "x-respond"), "")
+            attributes = next((v for n, v in request["headers"] if n.lower() == "x-amzn-sagemaker-custom-attributes"), None)
+            if attributes is not None and attributes.startswith("respond="):
+                respond = attributes.removeprefix("respond=")
+            echo = b"x-amzn-sagemaker-custom-attributes: echo:%s\r\n" % attributes.encode() if attributes is not None else b""
             close = not keep_alive(request) or respond == "close"
             if respond.startswith("slow="):
                 await asyncio.sleep(int(respond.removeprefix("slow=")) / 1000)
-            if respond == "stream":
-                head = b"HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ntransfer-encoding: chunked\r\n"
+            if respond.startswith("status="):
+                status = int(respond.removeprefix("status="))
+                writer.write(response(f"{status} Error", json.dumps({"error": f"model says {status}"}).encode(), close=close, extra=echo))
+            elif respond == "stream-die":
+                writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ntransfer-encoding: chunked\r\n\r\n8\r\nchunk-0\n\r\n")
+                await writer.drain()
+                await asyncio.sleep(0.05)
+                writer.write(b"8\r\nchunk-1\n\r\n")
+                await writer.drain()
+                return
+            elif respond == "stream":
+                head = b"HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ntransfer-encoding: chunked\r\n" + echo
                 writer.write(head + (b"connection: close\r\n" if close else b"") + b"\r\n")
                 await writer.drain()
                 if method != "HEAD":
@@ -144,7 +163,7 @@ async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> 
                 body = json.dumps({"seq": len(received), "method": method, "target": target, "body_bytes": len(request["body"])}).encode()
                 if respond.startswith("size="):
                     body = body.ljust(int(respond.removeprefix("size=")))
-                writer.write(response("200 OK", body, close=close, head_only=method == "HEAD"))
+                writer.write(response("200 OK", body, close=close, head_only=method == "HEAD", extra=echo))
                 await writer.drain()
             if close:
                 return

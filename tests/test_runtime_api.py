@@ -1,0 +1,187 @@
+"""The SageMaker Runtime API in front: boto3 and the AWS CLI, unchanged but for endpoint_url, against a real proxy.
+
+The model is tests/recording_model.py, so each case checks what reached it (path, headers, body) as well as what
+the client got (botocore parses the responses, the errors and the event stream with its own code) and the
+counters.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import boto3
+import httpx
+import pytest
+from botocore.config import Config
+from botocore.eventstream import EventStreamBuffer
+from botocore.exceptions import ClientError, EventStreamError
+
+from tests.conftest import ROOT, Proxy, Running, free_port, start
+
+pytestmark = pytest.mark.e2e
+
+ENDPOINT = "test-endpoint"
+BODY = b'{"instances": [[5.1, 3.5, 1.4, 0.2]]}'
+CREDENTIALS = {"aws_access_key_id": "AKIDEXAMPLE", "aws_secret_access_key": "secret", "region_name": "us-east-1"}
+
+
+@pytest.fixture(scope="module")
+def recording(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Running]:
+    port = free_port()
+    log = tmp_path_factory.mktemp("recording") / "recording_model.log"
+    running = start([str(ROOT / "tests" / "recording_model.py"), "--port", str(port)], port, log)
+    yield running
+    running.stop()
+
+
+@pytest.fixture
+def model(recording: Running) -> Running:
+    assert httpx.post(f"{recording.url}/__reset").status_code == 200
+    return recording
+
+
+def received(model: Running) -> list[dict[str, Any]]:
+    return httpx.get(f"{model.url}/__received").json()
+
+
+def runtime(proxy: Proxy) -> Any:
+    return boto3.client("sagemaker-runtime", endpoint_url=proxy.url, config=Config(retries={"max_attempts": 1}), **CREDENTIALS)
+
+
+def test_invoke_endpoint_reaches_the_model_as_sagemaker_calls_a_container(model: Running, start_proxy: Callable[..., Proxy]) -> None:
+    proxy = start_proxy(model.url)
+    r = runtime(proxy).invoke_endpoint(
+        EndpointName=ENDPOINT, Body=BODY, ContentType="application/json", Accept="application/json",
+        CustomAttributes="c000b4f9-df62-4c85-a0bf-7c525f9104a4", InferenceId="inference-1",
+    )
+    answer = json.loads(r["Body"].read())
+    assert answer["target"] == "/invocations" and answer["body_bytes"] == len(BODY)
+    assert r["ContentType"] == "application/json"
+    assert r["InvokedProductionVariant"] == "AllTraffic"
+    assert r["CustomAttributes"] == "echo:c000b4f9-df62-4c85-a0bf-7c525f9104a4"
+    [seen] = received(model)
+    assert (seen["method"], seen["target"], seen["body"].encode("latin-1")) == ("POST", "/invocations", BODY)
+    headers = {n.lower(): v for n, v in seen["headers"]}
+    # What a SageMaker container gets, and nothing of the client's own (its signature, its user agent).
+    assert set(headers) == {
+        "host", "content-length", "content-type", "accept", "x-amzn-sagemaker-custom-attributes", "x-amzn-sagemaker-inference-id",
+    }, headers
+    assert proxy.value("sagemaker_invocations_total") == 1
+    assert proxy.value("sagemaker_model_latency_seconds_count") == 1
+
+
+def test_target_variant_picks_the_variant_and_labels_its_metrics(model: Running, start_proxy: Callable[..., Proxy]) -> None:
+    proxy = start_proxy(None, "--variant", f"Blue={model.url}:1", "--variant", f"Green={model.url}:1")
+    client = runtime(proxy)
+    for _ in range(3):
+        assert client.invoke_endpoint(EndpointName=ENDPOINT, Body=BODY, TargetVariant="Green")["InvokedProductionVariant"] == "Green"
+    with pytest.raises(ClientError) as raised:
+        client.invoke_endpoint(EndpointName=ENDPOINT, Body=BODY, TargetVariant="Purple")
+    assert raised.value.response["Error"]["Code"] == "ValidationError"
+    assert "Purple" in raised.value.response["Error"]["Message"]
+    assert len(received(model)) == 3
+    assert proxy.value("sagemaker_invocations_total", variant_name="Green") == 3
+    assert proxy.value("sagemaker_invocations_total", variant_name="Blue") == 0
+
+
+@pytest.mark.parametrize("status", [404, 500])
+def test_a_model_error_is_a_model_error_with_the_original_status(model: Running, start_proxy: Callable[..., Proxy], status: int) -> None:
+    proxy = start_proxy(model.url)
+    client = runtime(proxy)
+    with pytest.raises(client.exceptions.ModelError) as raised:
+        client.invoke_endpoint(EndpointName=ENDPOINT, Body=BODY, CustomAttributes=f"respond=status={status}")
+    error = raised.value.response
+    assert error["ResponseMetadata"]["HTTPStatusCode"] == 424
+    assert error["OriginalStatusCode"] == status
+    assert json.loads(error["OriginalMessage"]) == {"error": f"model says {status}"}
+    assert error["LogStreamArn"].startswith("arn:aws:logs:")
+    assert len(received(model)) == 1
+    assert proxy.value("sagemaker_invocations_total") == 1
+    assert proxy.value("sagemaker_invocation_model_errors_total") == 1
+    errors_4xx, errors_5xx = proxy.value("sagemaker_invocation_4xx_errors_total"), proxy.value("sagemaker_invocation_5xx_errors_total")
+    assert (errors_4xx, errors_5xx) == ((1, 0) if status == 404 else (0, 1))
+
+
+def test_an_unknown_endpoint_is_a_validation_error_and_never_reaches_the_model(model: Running, start_proxy: Callable[..., Proxy]) -> None:
+    proxy = start_proxy(model.url)
+    client = runtime(proxy)
+    with pytest.raises(ClientError) as raised:
+        client.invoke_endpoint(EndpointName="other-endpoint", Body=BODY)
+    assert raised.value.response["Error"]["Code"] == "ValidationError"
+    assert raised.value.response["Error"]["Message"] == "Endpoint other-endpoint of account local not found."
+    assert received(model) == []
+    assert proxy.value("sagemaker_invocations_total") == 0
+
+
+def test_a_body_over_the_limit_is_a_validation_error(model: Running, start_proxy: Callable[..., Proxy]) -> None:
+    proxy = start_proxy(model.url, "--max-payload-bytes", "100")
+    with pytest.raises(ClientError) as raised:
+        runtime(proxy).invoke_endpoint(EndpointName=ENDPOINT, Body=b"x" * 101)
+    assert raised.value.response["Error"]["Code"] == "ValidationError"
+    assert received(model) == []
+    assert proxy.value("sagemaker_proxy_rejected_requests_total", reason="payload_too_large") == 1
+
+
+def test_response_stream_carries_the_model_stream_in_payload_parts(model: Running, start_proxy: Callable[..., Proxy]) -> None:
+    proxy = start_proxy(model.url)
+    r = runtime(proxy).invoke_endpoint_with_response_stream(
+        EndpointName=ENDPOINT, Body=BODY, ContentType="application/json", Accept="text/plain", CustomAttributes="respond=stream"
+    )
+    assert r["ContentType"] == "text/plain" and r["InvokedProductionVariant"] == "AllTraffic"
+    parts = [event["PayloadPart"]["Bytes"] for event in r["Body"]]
+    assert len(parts) >= 3  # one event per chunk, as each came (100 ms apart)
+    assert b"".join(parts) == b"chunk-0\nchunk-1\nchunk-2\n"
+    headers = {n.lower(): v for n, v in received(model)[0]["headers"]}
+    assert headers["accept"] == "text/plain"  # X-Amzn-SageMaker-Accept, as the model's Accept
+    assert proxy.value("sagemaker_invocations_total") == 1
+    assert proxy.value("sagemaker_first_chunk_model_latency_seconds_count") == 1
+    assert proxy.value("sagemaker_mid_stream_errors_total") == 0
+
+
+def test_a_broken_stream_ends_with_a_model_stream_error(model: Running, start_proxy: Callable[..., Proxy]) -> None:
+    proxy = start_proxy(model.url)
+    r = runtime(proxy).invoke_endpoint_with_response_stream(EndpointName=ENDPOINT, Body=BODY, CustomAttributes="respond=stream-die")
+    parts = []
+    with pytest.raises(EventStreamError) as raised:
+        for event in r["Body"]:
+            parts.append(event["PayloadPart"]["Bytes"])
+    assert b"".join(parts) == b"chunk-0\nchunk-1\n"
+    assert raised.value.response["Error"]["Code"] == "ModelStreamError"
+    assert raised.value.response["Error"]["Message"] == "the model closed the connection"
+    # The same call, the bytes read by botocore's own event-stream decoder: the error event's code.
+    answer = httpx.post(
+        f"{proxy.url}/endpoints/{ENDPOINT}/invocations-response-stream", content=BODY,
+        headers={"X-Amzn-SageMaker-Custom-Attributes": "respond=stream-die"},
+    )
+    assert answer.status_code == 200 and answer.headers["content-type"] == "application/vnd.amazon.eventstream"
+    buffer = EventStreamBuffer()
+    buffer.add_data(answer.content)
+    messages = list(buffer)
+    assert [m.headers[":message-type"] for m in messages] == ["event", "event", "exception"]
+    assert messages[-1].headers[":exception-type"] == "ModelStreamError"
+    assert json.loads(messages[-1].payload)["ErrorCode"] == "StreamBroken"
+    assert proxy.value("sagemaker_invocations_total") == 2
+    assert proxy.value("sagemaker_mid_stream_errors_total") == 2
+    assert proxy.value("sagemaker_invocation_model_errors_total") == 2
+
+
+def test_the_aws_cli_writes_the_answer_to_its_outfile(model: Running, start_proxy: Callable[..., Proxy], tmp_path: Path) -> None:
+    proxy = start_proxy(model.url)
+    out = tmp_path / "answer.json"
+    aws = Path(sys.executable).parent / "aws"
+    env = {**os.environ, "AWS_ACCESS_KEY_ID": "AKIDEXAMPLE", "AWS_SECRET_ACCESS_KEY": "secret", "AWS_DEFAULT_REGION": "us-east-1"}
+    result = subprocess.run(
+        [str(aws), "sagemaker-runtime", "invoke-endpoint", "--endpoint-name", ENDPOINT, "--endpoint-url", proxy.url,
+         "--content-type", "application/json", "--body", BODY.decode(), str(out)],
+        capture_output=True, text=True, env=env, timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["InvokedProductionVariant"] == "AllTraffic"
+    assert json.loads(out.read_bytes())["target"] == "/invocations"
+    assert proxy.value("sagemaker_invocations_total") == 1
