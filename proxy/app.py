@@ -23,7 +23,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from metrics.recorder import InvocationRecorder
-from proxy import runtime_api
+from proxy import runtime_api, sigv4
 from proxy.errors import Fault, UpstreamError, error_body
 from proxy.http.client import GATHER_BYTES, UpstreamClient, UpstreamResponse
 from proxy.instances import InstanceCountSource
@@ -262,6 +262,7 @@ class ProxyApp:
         record: bool = True,
         count_tokens: bool = True,
         endpoint_name: str = "",
+        auth: sigv4.CredentialsFile | None = None,
         clock: Callable[[], int] = time.perf_counter_ns,
         random: Callable[[], float] = random.random,
     ) -> None:
@@ -283,6 +284,7 @@ class ProxyApp:
         self._count_tokens = count_tokens  # off only to measure what counting costs (benchmarks)
         # The Runtime API: the endpoint it answers for, and where the model takes invocations.
         self._endpoint_name = endpoint_name
+        self._auth = auth  # SigV4 on the Runtime API
         self._model_path = next((p for m, p in sorted(invocation_routes) if m == "POST"), "/invocations").encode()
         self._clock = clock
 
@@ -343,15 +345,26 @@ class ProxyApp:
             await self._refuse(send, Fault.PAYLOAD_TOO_LARGE)
             return None
         variant = self._choose(target_variant)
-        if variant is None:
-            asked = (target_variant or b"").decode("latin-1")[:80]
-            known = ", ".join(v.name for v in self._variants.values())
-            await self._refuse(send, Fault.UNKNOWN_VARIANT, f"no production variant {asked!r}; this endpoint has {known}")
+        authenticate = api is not None and self._auth is not None  # then nothing is told before the signature is checked
+        if variant is None and not authenticate:
+            await self._refuse_variant(send, target_variant)
             return None
         body = await self._read_body(receive)
         if isinstance(body, Fault):
             await self._refuse(send, body, variant=variant)
             return None
+        if authenticate:
+            assert api is not None and self._auth is not None
+            try:
+                sigv4.verify(method, scope.get("raw_path") or scope["path"].encode(), scope.get("query_string", b""), scope["headers"], body, self._auth)
+            except sigv4.AuthError as e:
+                (variant or self._default).recorder.rejected(Fault.AUTH_FAILED.reason)
+                await api.auth_error(e.code, e.message)
+                return None
+            if variant is None:
+                await self._refuse_variant(send, target_variant)
+                return None
+        assert variant is not None
         if not variant.upstream.ready():
             await self._refuse(send, Fault.NO_LIVE_INSTANCE, variant=variant)
             return None
@@ -592,6 +605,11 @@ class ProxyApp:
                 return Fault.PAYLOAD_TOO_LARGE
             chunks.append(chunk)
         return chunks if size >= GATHER_BYTES else b"".join(chunks)
+
+    async def _refuse_variant(self, send: Send, asked_for: bytes | None) -> None:
+        asked = (asked_for or b"").decode("latin-1")[:80]
+        known = ", ".join(v.name for v in self._variants.values())
+        await self._refuse(send, Fault.UNKNOWN_VARIANT, f"no production variant {asked!r}; this endpoint has {known}")
 
     async def _refuse(
         self, send: Send, fault: Fault, message: str | None = None, server_timing: bytes | None = None, variant: Variant | None = None

@@ -226,5 +226,11 @@ class RuntimeSend:
         await self._send(start)
         await self._send(body)
 
+    async def auth_error(self, code: str, message: str) -> None:
+        """403 with the error type botocore expects for a missing or bad signature (never forwarded)."""
+        start, body = error_response(403, code, {"message": message})
+        await self._send(start)
+        await self._send(body)
+
     async def stream_error(self, fault: Fault) -> None:
         await self._send({"type": "http.response.body", "body": model_stream_error(fault)})

@@ -32,6 +32,7 @@ from proxy.background import Background, Host, Stream, endpoint_host
 from proxy.errors import Fault
 from proxy.http.server import HttpServer, Limits
 from proxy.settings import ConfigError, MonitorSettings, Settings
+from proxy.sigv4 import CredentialsFile
 from proxy.types import DISCONNECT_EXTENSION, ASGIApp
 from proxy.variants import VariantSet, build_variants
 
@@ -175,6 +176,7 @@ def _proxy_app(
         record=settings.record_metrics,
         count_tokens=settings.count_tokens,
         endpoint_name=settings.endpoint_name,
+        auth=CredentialsFile(settings.auth_credentials) if settings.auth == "sigv4" and settings.auth_credentials else None,
     )
     return app, variants
 

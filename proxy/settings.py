@@ -224,6 +224,23 @@ def _instance_id(raw: str) -> str:
     return raw
 
 
+def _auth(raw: str) -> str:
+    if raw not in ("none", "sigv4"):
+        raise ValueError(f"must be none or sigv4, got {raw!r}")
+    return raw
+
+
+def _credentials_file(raw: str) -> Path:
+    from proxy.sigv4 import CredentialsFile
+
+    path = Path(raw)
+    try:
+        CredentialsFile(path)
+    except OSError as e:
+        raise ValueError(f"cannot read {raw}: {e.strerror or e}") from None
+    return path
+
+
 def _host_index(raw: str) -> int:
     return _int_between(1, 10_000)(raw.removeprefix("algo-"))
 
@@ -424,6 +441,10 @@ class Settings:
     cloudwatch_namespace: str = option("--cloudwatch-namespace", _namespace, "CloudWatch namespace for the invocation metrics; refused if it starts with `AWS/`", "SageMakerProxy")
     cloudwatch: CloudWatchOptions = group(CloudWatchOptions)
     sampling: SamplingOptions = group(SamplingOptions)
+    auth: str = option("--auth", _auth, "authentication on the SageMaker Runtime API routes: `none`, or `sigv4` (AWS Signature Version 4, service `sagemaker`, as SageMaker checks it)", "none")
+    auth_credentials: Path | None = option(
+        "--auth-credentials", _credentials_file, "with `--auth sigv4`: a file of `ACCESS_KEY_ID SECRET_ACCESS_KEY` lines, re-read when it changes", None, absent="none",
+    )
     instance_id: str | None = option("--instance-id", _instance_id, "this instance in the Host dimension, `[endpoint]/[variant]/[instance-id]`", None, absent="the hostname")
     log_level: str = _log_level_option()
     # Benchmark-only (--no-record-metrics, not shown): forward without recording metrics, to measure what recording costs.
@@ -442,6 +463,8 @@ class Settings:
             raise ConfigError(f"--port and --metrics-port must differ, both are {self.port}")
         if self.variant and self.upstream:
             raise ConfigError("--upstream and --variant exclude each other: give the instances of each variant in --variant NAME=URL[,URL...]:WEIGHT")
+        if self.auth == "sigv4" and self.auth_credentials is None:
+            raise ConfigError("--auth sigv4 needs --auth-credentials FILE")
         names = [v.name for v in self.variant]
         if len(set(names)) != len(names):
             raise ConfigError(f"--variant: each variant needs its own name, got {', '.join(names)}")

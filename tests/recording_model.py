@@ -14,6 +14,7 @@ The request header ``X-Respond`` picks another answer:
 - ``size=N``: the usual answer padded with spaces to N bytes (still JSON).
 - ``status=N``: status N with the JSON body ``{"error": "model says N"}``.
 - ``stream-die``: a chunked response of two chunks, 50 ms apart, then the connection closes without the last chunk.
+- ``stream-stall``: a chunked response of one chunk, then nothing until the peer closes the connection.
 
 The SageMaker Runtime API passes the model no ``X-Respond``: there ``X-Amzn-SageMaker-Custom-Attributes:
 respond=...`` picks the answer, and any custom attributes come back in the response as ``echo:<attributes>``.
@@ -143,6 +144,11 @@ async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> 
             if respond.startswith("status="):
                 status = int(respond.removeprefix("status="))
                 writer.write(response(f"{status} Error", json.dumps({"error": f"model says {status}"}).encode(), close=close, extra=echo))
+            elif respond == "stream-stall":
+                writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ntransfer-encoding: chunked\r\n\r\n8\r\nchunk-0\n\r\n")
+                await writer.drain()
+                await reader.read()  # until the proxy gives up and closes
+                return
             elif respond == "stream-die":
                 writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ntransfer-encoding: chunked\r\n\r\n8\r\nchunk-0\n\r\n")
                 await writer.drain()

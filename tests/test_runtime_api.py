@@ -11,6 +11,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -171,6 +172,39 @@ def test_a_broken_stream_ends_with_a_model_stream_error(model: Running, start_pr
     assert proxy.value("sagemaker_invocation_model_errors_total") == 2
 
 
+def test_a_stalled_stream_ends_with_model_invocation_time_exceeded(model: Running, start_proxy: Callable[..., Proxy]) -> None:
+    proxy = start_proxy(model.url, "--invocation-timeout", "0.5")
+    answer = httpx.post(
+        f"{proxy.url}/endpoints/{ENDPOINT}/invocations-response-stream", content=BODY,
+        headers={"X-Amzn-SageMaker-Custom-Attributes": "respond=stream-stall"}, timeout=10,
+    )
+    buffer = EventStreamBuffer()
+    buffer.add_data(answer.content)
+    messages = list(buffer)
+    assert [m.payload for m in messages[:-1]] == [b"chunk-0\n"]
+    assert messages[-1].headers[":exception-type"] == "ModelStreamError"
+    assert json.loads(messages[-1].payload)["ErrorCode"] == "ModelInvocationTimeExceeded"
+    assert proxy.value("sagemaker_proxy_upstream_errors_total", reason="timeout") == 1
+    assert proxy.value("sagemaker_mid_stream_errors_total") == 1
+
+
+def test_no_live_instance_is_service_unavailable(start_proxy: Callable[..., Proxy]) -> None:
+    dead = f"http://127.0.0.1:{free_port()}"
+    proxy = start_proxy(dead, "--instance-count-from", "upstreams", "--health-check-interval", "0.1")
+    client = runtime(proxy)
+    codes = []
+    for _ in range(50):  # a call before the first health check reaches the dead model: ModelError
+        with pytest.raises(ClientError) as raised:
+            client.invoke_endpoint(EndpointName=ENDPOINT, Body=BODY)
+        codes.append((raised.value.response["Error"]["Code"], raised.value.response["ResponseMetadata"]["HTTPStatusCode"]))
+        if codes[-1][0] == "ServiceUnavailable":
+            break
+        time.sleep(0.05)
+    assert codes[-1] == ("ServiceUnavailable", 503), codes
+    assert set(codes[:-1]) <= {("ModelError", 424)}, codes
+    assert proxy.value("sagemaker_proxy_rejected_requests_total", reason="no_live_instance") >= 1
+
+
 def test_the_aws_cli_writes_the_answer_to_its_outfile(model: Running, start_proxy: Callable[..., Proxy], tmp_path: Path) -> None:
     proxy = start_proxy(model.url)
     out = tmp_path / "answer.json"
@@ -185,3 +219,88 @@ def test_the_aws_cli_writes_the_answer_to_its_outfile(model: Running, start_prox
     assert json.loads(result.stdout)["InvokedProductionVariant"] == "AllTraffic"
     assert json.loads(out.read_bytes())["target"] == "/invocations"
     assert proxy.value("sagemaker_invocations_total") == 1
+
+
+# -- SigV4, checked against what botocore's own signer sends ----------------------------------------------------
+
+
+@pytest.fixture
+def keys(tmp_path: Path) -> Path:
+    path = tmp_path / "credentials"
+    path.write_text("# access key id, secret\nAKIDEXAMPLE secret\nAKIDOTHER other-secret\n")
+    return path
+
+
+def test_sigv4_right_key_passes_and_wrong_secret_unknown_key_or_no_signature_get_403(
+    model: Running, start_proxy: Callable[..., Proxy], keys: Path
+) -> None:
+    proxy = start_proxy(model.url, "--auth", "sigv4", "--auth-credentials", str(keys))
+    assert runtime(proxy).invoke_endpoint(EndpointName=ENDPOINT, Body=BODY, ContentType="application/json")["InvokedProductionVariant"] == "AllTraffic"
+    stream = runtime(proxy).invoke_endpoint_with_response_stream(EndpointName=ENDPOINT, Body=BODY, CustomAttributes="respond=stream")
+    assert b"".join(e["PayloadPart"]["Bytes"] for e in stream["Body"]) == b"chunk-0\nchunk-1\nchunk-2\n"
+    wrong = boto3.client("sagemaker-runtime", endpoint_url=proxy.url, aws_access_key_id="AKIDEXAMPLE", aws_secret_access_key="guess",
+                         region_name="eu-west-1", config=Config(retries={"max_attempts": 1}))
+    unknown = boto3.client("sagemaker-runtime", endpoint_url=proxy.url, aws_access_key_id="AKIDNOBODY", aws_secret_access_key="secret",
+                           region_name="us-east-1", config=Config(retries={"max_attempts": 1}))
+    for client, code in ((wrong, "InvalidSignatureException"), (unknown, "UnrecognizedClientException")):
+        with pytest.raises(ClientError) as raised:
+            client.invoke_endpoint(EndpointName=ENDPOINT, Body=BODY)
+        assert raised.value.response["Error"]["Code"] == code
+        assert raised.value.response["ResponseMetadata"]["HTTPStatusCode"] == 403
+    unsigned = httpx.post(f"{proxy.url}/endpoints/{ENDPOINT}/invocations", content=BODY)
+    assert unsigned.status_code == 403 and unsigned.headers["x-amzn-errortype"] == "MissingAuthenticationTokenException"
+    # An unknown variant is not told to whoever cannot sign.
+    with pytest.raises(ClientError) as raised:
+        unknown.invoke_endpoint(EndpointName=ENDPOINT, Body=BODY, TargetVariant="Purple")
+    assert raised.value.response["Error"]["Code"] == "UnrecognizedClientException"
+    assert len(received(model)) == 2
+    assert proxy.value("sagemaker_invocations_total") == 2
+    assert proxy.value("sagemaker_proxy_rejected_requests_total", reason="auth_failed") == 4
+    assert "secret" not in proxy.log.read_text()
+
+
+def test_sigv4_stale_date_tampered_body_and_a_rotated_key(model: Running, start_proxy: Callable[..., Proxy], keys: Path) -> None:
+    from botocore.auth import SigV4Auth
+    from botocore.awsrequest import AWSRequest
+    from botocore.credentials import Credentials
+
+    proxy = start_proxy(model.url, "--auth", "sigv4", "--auth-credentials", str(keys))
+    url = f"{proxy.url}/endpoints/{ENDPOINT}/invocations"
+
+    def signed(body: bytes, secret: str = "secret", key: str = "AKIDEXAMPLE") -> dict[str, str]:
+        request = AWSRequest(method="POST", url=url, data=body, headers={"Content-Type": "application/json"})
+        SigV4Auth(Credentials(key, secret), "sagemaker", "us-east-1").add_auth(request)
+        return dict(request.headers.items())
+
+    assert httpx.post(url, content=BODY, headers=signed(BODY)).status_code == 200
+    tampered = httpx.post(url, content=BODY + b" ", headers={**signed(BODY), "Content-Length": str(len(BODY) + 1)})
+    assert tampered.status_code == 403 and tampered.headers["x-amzn-errortype"] == "InvalidSignatureException"
+    stale = signed(BODY)
+    stale_date = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(time.time() - 600))
+    stale["X-Amz-Date"] = stale_date
+    stale["Authorization"] = stale["Authorization"].replace(time.strftime("%Y%m%d", time.gmtime()), stale_date[:8])
+    answer = httpx.post(url, content=BODY, headers=stale)
+    assert answer.status_code == 403 and answer.headers["x-amzn-errortype"] == "InvalidSignatureException"
+    assert "expired" in answer.json()["message"]
+    # The file is re-read when it changes: a new key works, a removed one no longer does.
+    time.sleep(1.1)
+    keys.write_text("AKIDNEW new-secret\n")
+    deadline = time.monotonic() + 3
+    while httpx.post(url, content=BODY, headers=signed(BODY, "new-secret", "AKIDNEW")).status_code != 200:
+        assert time.monotonic() < deadline, "the new key was never accepted"
+        time.sleep(0.2)
+    assert httpx.post(url, content=BODY, headers=signed(BODY)).status_code == 403
+    assert proxy.value("sagemaker_proxy_rejected_requests_total", reason="auth_failed") >= 3
+
+
+def test_sigv4_needs_a_readable_credentials_file(tmp_path: Path) -> None:
+    from tests.test_settings import run_cli
+
+    result = run_cli("serve", "--upstream", "http://127.0.0.1:1", "--endpoint-name", "e", "--auth", "sigv4")
+    assert result.returncode == 2 and result.stderr.strip().endswith("--auth sigv4 needs --auth-credentials FILE")
+    result = run_cli("serve", "--upstream", "http://127.0.0.1:1", "--endpoint-name", "e", "--auth", "sigv4", "--auth-credentials", str(tmp_path / "none"))
+    assert result.returncode == 2 and "--auth-credentials: cannot read" in result.stderr
+    bad = tmp_path / "bad"
+    bad.write_text("only-one-field\n")
+    result = run_cli("serve", "--upstream", "http://127.0.0.1:1", "--endpoint-name", "e", "--auth", "sigv4", "--auth-credentials", str(bad))
+    assert result.returncode == 2 and "line 1: expected ACCESS_KEY_ID SECRET_ACCESS_KEY" in result.stderr
