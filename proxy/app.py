@@ -19,7 +19,7 @@ import itertools
 import logging
 import random
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 from metrics.recorder import InvocationRecorder
@@ -234,6 +234,31 @@ class Invocation:
         return None if per_token is None else per_token / 1000
 
 
+class _Endpoint:
+    """One endpoint's production variants, and how a request picks one: by name, else by weight."""
+
+    __slots__ = ("choices", "cumulative", "default", "name", "variants")
+
+    def __init__(self, name: str, variants: Sequence[Variant]) -> None:
+        if not variants:
+            raise ValueError("at least one variant is needed")
+        self.name = name
+        self.variants = {v.name.encode(): v for v in variants}
+        self.default = variants[0]  # where refusals before a variant is chosen are counted
+        self.choices = list(variants) if len(variants) > 1 else []
+        total = sum(v.weight for v in variants)
+        self.cumulative = list(itertools.accumulate(v.weight / total for v in variants))
+
+    def choose(self, target: bytes | None, random: Callable[[], float]) -> Variant | None:
+        """The variant for this request; None for an unknown target variant."""
+        if target is not None:
+            return self.variants.get(target)
+        if not self.choices:
+            return self.default
+        i = bisect.bisect_right(self.cumulative, random())
+        return self.choices[min(i, len(self.choices) - 1)]
+
+
 @dataclass(frozen=True, slots=True)
 class _Forward:
     """What goes to the model: decided in the accept phase, sent in the forward phase."""
@@ -262,17 +287,15 @@ class ProxyApp:
         record: bool = True,
         count_tokens: bool = True,
         endpoint_name: str = "",
+        endpoints: Mapping[str, Sequence[Variant]] | None = None,
         auth: sigv4.CredentialsFile | None = None,
         clock: Callable[[], int] = time.perf_counter_ns,
         random: Callable[[], float] = random.random,
     ) -> None:
-        if not variants:
-            raise ValueError("at least one variant is needed")
-        self._variants = {v.name.encode(): v for v in variants}
-        self._default = variants[0]
-        self._choices = list(variants) if len(variants) > 1 else []
-        total = sum(v.weight for v in variants)
-        self._cumulative = list(itertools.accumulate(v.weight / total for v in variants))
+        """``variants`` are the endpoint ``endpoint_name``'s; ``endpoints`` (name: variants), when given, are
+        all the endpoints, the first also served on the native routes."""
+        self._endpoints = {name: _Endpoint(name, vs) for name, vs in (endpoints or {endpoint_name: variants}).items()}
+        self._first = next(iter(self._endpoints.values()))
         self._random = random
         self._routes = invocation_routes
         self._max_payload = max_payload_bytes
@@ -282,20 +305,10 @@ class ProxyApp:
         self._in_flight = 0  # requests forwarded and not yet answered, all variants
         self._record = record
         self._count_tokens = count_tokens  # off only to measure what counting costs (benchmarks)
-        # The Runtime API: the endpoint it answers for, and where the model takes invocations.
-        self._endpoint_name = endpoint_name
+        # The Runtime API: where the model takes invocations.
         self._auth = auth  # SigV4 on the Runtime API
         self._model_path = next((p for m, p in sorted(invocation_routes) if m == "POST"), "/invocations").encode()
         self._clock = clock
-
-    def _choose(self, target: bytes | None) -> Variant | None:
-        """The variant for this request; None for an unknown target variant."""
-        if target is not None:
-            return self._variants.get(target)
-        if not self._choices:
-            return self._default
-        i = bisect.bisect_right(self._cumulative, self._random())
-        return self._choices[min(i, len(self._choices) - 1)]
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -307,33 +320,34 @@ class ProxyApp:
             if call is not None:
                 # The SageMaker Runtime API: the same phases, its shapes on the way in and out.
                 api = runtime_api.RuntimeSend(send, call)
-                if call.endpoint != self._endpoint_name:
+                endpoint = self._endpoints.get(call.endpoint)
+                if endpoint is None:
                     for message in runtime_api.unknown_endpoint(call.endpoint):
                         await send(message)
                     return
-                request = await self._accept(scope, receive, api, record)
+                request = await self._accept(scope, receive, api, record, endpoint)
                 if request is not None:
                     await self._invoke(request, record, scope, receive, api)
                 return
-        request = await self._accept(scope, receive, send, record)
+        request = await self._accept(scope, receive, send, record, self._first)
         if request is not None:
             await self._invoke(request, record, scope, receive, send)
 
     # -- phase 1: accept, validate, choose the variant, read the body -------------------------------
 
-    async def _accept(self, scope: Scope, receive: Receive, send: Send, record: Invocation) -> _Forward | None:
+    async def _accept(self, scope: Scope, receive: Receive, send: Send, record: Invocation, endpoint: _Endpoint) -> _Forward | None:
         """The request to forward, or None once it was refused (answered and counted)."""
         method: str = scope["method"]
         if method == "CONNECT":
-            await self._refuse(send, Fault.METHOD_NOT_ALLOWED)
+            await self._refuse(send, Fault.METHOD_NOT_ALLOWED, variant=endpoint.default)
             return None
         raw_path: bytes = scope.get("raw_path") or scope["path"].encode()
         if not raw_path.startswith(b"/"):
-            await self._refuse(send, Fault.MALFORMED_REQUEST, "request target must be a path")
+            await self._refuse(send, Fault.MALFORMED_REQUEST, "request target must be a path", variant=endpoint.default)
             return None
         api = send if isinstance(send, runtime_api.RuntimeSend) else None
         if api is not None and method != "POST":
-            await self._refuse(send, Fault.METHOD_NOT_ALLOWED, f"{'InvokeEndpointWithResponseStream' if api.streaming else 'InvokeEndpoint'} takes POST")
+            await self._refuse(send, Fault.METHOD_NOT_ALLOWED, f"{'InvokeEndpointWithResponseStream' if api.streaming else 'InvokeEndpoint'} takes POST", variant=endpoint.default)
             return None
         headers, declared, target_variant = self._request_headers(scope)
         if api is not None:
@@ -342,27 +356,27 @@ class ProxyApp:
         else:
             scope_path = scope["path"]
         if declared is not None and declared > self._max_payload:
-            await self._refuse(send, Fault.PAYLOAD_TOO_LARGE)
+            await self._refuse(send, Fault.PAYLOAD_TOO_LARGE, variant=endpoint.default)
             return None
-        variant = self._choose(target_variant)
+        variant = endpoint.choose(target_variant, self._random)
         authenticate = api is not None and self._auth is not None  # then nothing is told before the signature is checked
         if variant is None and not authenticate:
-            await self._refuse_variant(send, target_variant)
+            await self._refuse_variant(send, target_variant, endpoint)
             return None
         body = await self._read_body(receive)
         if isinstance(body, Fault):
-            await self._refuse(send, body, variant=variant)
+            await self._refuse(send, body, variant=variant or endpoint.default)
             return None
         if authenticate:
             assert api is not None and self._auth is not None
             try:
                 sigv4.verify(method, scope.get("raw_path") or scope["path"].encode(), scope.get("query_string", b""), scope["headers"], body, self._auth)
             except sigv4.AuthError as e:
-                (variant or self._default).recorder.rejected(Fault.AUTH_FAILED.reason)
+                (variant or endpoint.default).recorder.rejected(Fault.AUTH_FAILED.reason)
                 await api.auth_error(e.code, e.message)
                 return None
             if variant is None:
-                await self._refuse_variant(send, target_variant)
+                await self._refuse_variant(send, target_variant, endpoint)
                 return None
         assert variant is not None
         if not variant.upstream.ready():
@@ -606,10 +620,10 @@ class ProxyApp:
             chunks.append(chunk)
         return chunks if size >= GATHER_BYTES else b"".join(chunks)
 
-    async def _refuse_variant(self, send: Send, asked_for: bytes | None) -> None:
+    async def _refuse_variant(self, send: Send, asked_for: bytes | None, endpoint: _Endpoint) -> None:
         asked = (asked_for or b"").decode("latin-1")[:80]
-        known = ", ".join(v.name for v in self._variants.values())
-        await self._refuse(send, Fault.UNKNOWN_VARIANT, f"no production variant {asked!r}; this endpoint has {known}")
+        known = ", ".join(v.name for v in endpoint.variants.values())
+        await self._refuse(send, Fault.UNKNOWN_VARIANT, f"no production variant {asked!r}; this endpoint has {known}", variant=endpoint.default)
 
     async def _refuse(
         self, send: Send, fault: Fault, message: str | None = None, server_timing: bytes | None = None, variant: Variant | None = None
@@ -617,7 +631,7 @@ class ProxyApp:
         """Answer with the fault's status and a short JSON error; count refusals of requests never forwarded.
 
         A refusal before the variant is known is counted on the first variant."""
-        variant = variant or self._default
+        variant = variant or self._first.default
         if not fault.invocation:
             variant.recorder.rejected(fault.reason)
         if fault.status is None:

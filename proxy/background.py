@@ -86,8 +86,8 @@ def training_host(settings: MonitorSettings) -> Host:
 class Background:
     """The host sampler (given ``host``) and the CloudWatch publisher (when enabled) of one process.
 
-    ``invocations`` maps each variant whose invocation metrics this process records to its stream;
-    their statistic sets are ``statistics[variant]``, for the recorders. The publisher's health is
+    ``invocations`` maps each (endpoint, variant) whose invocation metrics this process records to its stream;
+    their statistic sets are ``statistics[(endpoint, variant)]``, for the recorders. The publisher's health is
     labelled ``health_labels``.
     """
 
@@ -97,11 +97,11 @@ class Background:
         registry: CollectorRegistry,
         *,
         health_labels: Mapping[str, str],
-        invocations: Mapping[str, Stream] | None = None,
+        invocations: Mapping[tuple[str, str], Stream] | None = None,
         host: Host | None = None,
     ) -> None:
         self._cloudwatch = settings = cloudwatch
-        self.statistics: dict[str, PeriodStatistics] = {}
+        self.statistics: dict[tuple[str, str], PeriodStatistics] = {}  # by (endpoint, variant)
         self.monitor: HostMonitor | None = None
         self._publisher: CloudWatchPublisher | None = None
         self._tasks: list[asyncio.Task[None]] = []

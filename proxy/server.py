@@ -143,7 +143,10 @@ def bind(host: str, port: int) -> socket.socket:
 def _background(settings: Settings, registry: CollectorRegistry, *, invocations: bool, host: Host | None) -> Background:
     """This process's part: the invocation metrics it records (in ``cloudwatch_namespace``), the host it samples."""
     e = settings.endpoint_name
-    streams = {v.name: Stream(settings.cloudwatch_namespace, ((("EndpointName", e), ("VariantName", v.name)),)) for v in settings.variants}
+    streams = {
+        (endpoint.name, v.name): Stream(settings.cloudwatch_namespace, ((("EndpointName", endpoint.name), ("VariantName", v.name)),))
+        for endpoint in settings.endpoints for v in endpoint.variants
+    }
     return Background(
         settings.cloudwatch, registry,
         health_labels={"endpoint_name": e, "variant_name": settings.variants[0].name},
@@ -155,7 +158,7 @@ def _background(settings: Settings, registry: CollectorRegistry, *, invocations:
 def _proxy_app(
     settings: Settings,
     registry: CollectorRegistry,
-    statistics: Mapping[str, PeriodStatistics],
+    statistics: Mapping[tuple[str, str], PeriodStatistics],
     shared: SharedFiles | None = None,
     in_flight: Callable[[int], InFlight] = lambda column: InFlight(),
 ) -> tuple[ProxyApp, VariantSet]:
@@ -168,6 +171,7 @@ def _proxy_app(
     variants = build_variants(settings, metrics, statistics, in_flight=in_flight)
     app = ProxyApp(
         variants=variants.variants,
+        endpoints=variants.endpoints,
         invocation_routes=settings.invocation_routes,
         max_payload_bytes=settings.max_payload_bytes,
         invocation_timeout=settings.invocation_timeout,
@@ -234,10 +238,12 @@ def _count_refusals(variants: VariantSet) -> Callable[[Fault], None]:
 
 
 def _log_start(settings: Settings) -> None:
+    endpoints = "; ".join(
+        f"endpoint {e.name}: " + ", ".join(f"variant {v.name} -> {', '.join(v.upstreams)}" for v in e.variants) for e in settings.endpoints
+    )
     log.info(
-        "proxying %s:%d -> %s for endpoint %s variant %s with %d worker(s); metrics on %s:%d/metrics",
-        settings.host, settings.port, settings.variants[0].upstreams[0], settings.endpoint_name, settings.variants[0].name,
-        settings.workers, settings.host, settings.metrics_port,
+        "proxying %s:%d (%s) with %d worker(s); metrics on %s:%d/metrics",
+        settings.host, settings.port, endpoints, settings.workers, settings.host, settings.metrics_port,
     )
 
 
@@ -261,7 +267,7 @@ async def _serve_worker(settings: Settings, proxy_sock: socket.socket, multiproc
     registry = CollectorRegistry()
     background = _background(settings, registry, invocations=True, host=None)  # the supervisor samples the host
     in_flight_path = os.path.join(multiproc_dir, IN_FLIGHT_FILE)
-    columns = len(settings.variants)
+    columns = sum(len(endpoint.variants) for endpoint in settings.endpoints)
     app, variants = _proxy_app(
         settings, registry, background.statistics, SharedFiles(multiproc_dir),
         lambda column: SharedInFlight(in_flight_path, index, column, columns),

@@ -41,6 +41,16 @@ class VariantConfig:
     name: str
     upstreams: tuple[str, ...]
     weight: float = 1.0
+    count_from: CountSource | None = None  # None: --instance-count-from
+    instance_count: int | None = None  # n for a static count; None: --instance-count
+
+
+@dataclass(frozen=True)
+class EndpointConfig:
+    """An endpoint and its production variants, as --config declares them (or the one-endpoint flags)."""
+
+    name: str
+    variants: tuple[VariantConfig, ...]
 
 
 @dataclass(frozen=True)
@@ -241,6 +251,90 @@ def _credentials_file(raw: str) -> Path:
     return path
 
 
+def _config(raw: str) -> tuple[EndpointConfig, ...]:
+    """Endpoints from a TOML file in the shape of SageMaker's CreateEndpointConfig::
+
+        [[Endpoints]]
+        EndpointName = "iris"
+        [[Endpoints.ProductionVariants]]
+        VariantName = "Blue"
+        InitialVariantWeight = 3
+        Instances = ["http://127.0.0.1:8081"]
+        InstanceCountFrom = "static"  # optional, as --instance-count-from
+        InitialInstanceCount = 1      # optional, n for a static count (default: the number of Instances)
+    """
+    import tomllib
+
+    try:
+        with open(raw, "rb") as f:
+            document = tomllib.load(f)
+    except OSError as e:
+        raise ValueError(f"cannot read {raw}: {e.strerror or e}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ValueError(f"{raw} is not TOML: {e}") from None
+
+    def check(ok: bool, where: str, what: str) -> None:
+        if not ok:
+            raise ValueError(f"{raw}: {where} {what}")
+
+    def known(table: dict[str, Any], keys: set[str], where: str) -> None:
+        unknown = sorted(set(table) - keys)
+        check(not unknown, f"{where}.{unknown[0] if unknown else ''}", f"is not a key here (known: {', '.join(sorted(keys))})")
+
+    known(document, {"Endpoints"}, "the file")
+    endpoints = document.get("Endpoints")
+    check(isinstance(endpoints, list) and bool(endpoints), "Endpoints", "must be one or more [[Endpoints]] tables")
+    assert isinstance(endpoints, list)
+    out = []
+    for i, endpoint in enumerate(endpoints):
+        where = f"Endpoints[{i}]"
+        check(isinstance(endpoint, dict), where, "must be a table")
+        known(endpoint, {"EndpointName", "ProductionVariants"}, where)
+        name = endpoint.get("EndpointName")
+        try:
+            _name(name if isinstance(name, str) else "")
+        except ValueError as e:
+            check(False, f"{where}.EndpointName", str(e))
+        variants_raw = endpoint.get("ProductionVariants")
+        check(isinstance(variants_raw, list) and bool(variants_raw), f"{where}.ProductionVariants", "must be one or more [[Endpoints.ProductionVariants]] tables")
+        assert isinstance(variants_raw, list)
+        variants = []
+        for j, variant in enumerate(variants_raw):
+            at = f"{where}.ProductionVariants[{j}]"
+            check(isinstance(variant, dict), at, "must be a table")
+            known(variant, {"VariantName", "InitialVariantWeight", "Instances", "InstanceCountFrom", "InitialInstanceCount"}, at)
+            vname = variant.get("VariantName")
+            try:
+                _name(vname if isinstance(vname, str) else "")
+            except ValueError as e:
+                check(False, f"{at}.VariantName", str(e))
+            weight = variant.get("InitialVariantWeight", 1.0)
+            check(isinstance(weight, int | float) and not isinstance(weight, bool) and math.isfinite(weight) and weight > 0,
+                  f"{at}.InitialVariantWeight", f"must be a positive number, got {weight!r}")
+            instances = variant.get("Instances")
+            check(isinstance(instances, list) and bool(instances) and all(isinstance(u, str) for u in instances),
+                  f"{at}.Instances", "must be a list of http://host:port URLs")
+            try:
+                urls = tuple(_upstream(u) for u in instances)
+            except ValueError as e:
+                check(False, f"{at}.Instances", str(e))
+            count_from = None
+            if "InstanceCountFrom" in variant:
+                try:
+                    count_from = _count_source(str(variant["InstanceCountFrom"]))
+                except ValueError as e:
+                    check(False, f"{at}.InstanceCountFrom", str(e))
+            count = variant.get("InitialInstanceCount", len(urls))
+            check(isinstance(count, int) and not isinstance(count, bool) and 1 <= count <= 100_000, f"{at}.InitialInstanceCount", f"must be 1 to 100000, got {count!r}")
+            variants.append(VariantConfig(vname, urls, float(weight), count_from, count))
+        names = [v.name for v in variants]
+        check(len(set(names)) == len(names), f"{where}.ProductionVariants", f"need distinct VariantNames, got {', '.join(names)}")
+        out.append(EndpointConfig(name, tuple(variants)))
+    names = [e.name for e in out]
+    check(len(set(names)) == len(names), "Endpoints", f"need distinct EndpointNames, got {', '.join(names)}")
+    return tuple(out)
+
+
 def _host_index(raw: str) -> int:
     return _int_between(1, 10_000)(raw.removeprefix("algo-"))
 
@@ -373,6 +467,11 @@ class Settings:
     """The ``serve`` command."""
 
     endpoint_name: str = option("--endpoint-name", _name, "the `endpoint_name` label and EndpointName dimension")
+    config: tuple[EndpointConfig, ...] = option(
+        "--config", _config,
+        "a TOML file of endpoints, each with production variants in the shape of SageMaker's CreateEndpointConfig (see the README); replaces `--endpoint-name`, `--upstream`, `--variant-name` and `--variant`",
+        (), absent="none",
+    )
     # The model instances: --upstream with --variant-name (one variant), or --variant (several); read ``variants``.
     upstream: tuple[str, ...] = option(
         "--upstream", _upstreams, "the model server, `http://host:port`; repeatable or a comma list for several instances",
@@ -453,9 +552,15 @@ class Settings:
     count_tokens: bool = True
 
     @property
+    def endpoints(self) -> tuple[EndpointConfig, ...]:
+        """Every endpoint: those of --config, or the one of --endpoint-name."""
+        return self.config or (EndpointConfig(self.endpoint_name, self.variant or (VariantConfig(self.variant_name, self.upstream),)),)
+
+    @property
     def variants(self) -> tuple[VariantConfig, ...]:
-        """The production variants: each --variant, or one named --variant-name over the --upstream instances."""
-        return self.variant or (VariantConfig(self.variant_name, self.upstream),)
+        """The first endpoint's production variants (the native routes'): each --variant, or one named
+        --variant-name over the --upstream instances."""
+        return self.endpoints[0].variants
 
     def check(self) -> None:
         """The rules between fields. Raises ConfigError."""
@@ -550,7 +655,13 @@ def resolve(args: argparse.Namespace, environ: Mapping[str, str]) -> Settings:
     once. Raises ConfigError."""
     missing: list[str] = []
     values = _values(Settings, args, environ, {}, missing)
-    if not values.get("upstream") and not values.get("variant"):
+    if values.get("config"):
+        given = [flag for flag, key in (("--endpoint-name", "endpoint_name"), ("--upstream", "upstream"), ("--variant", "variant")) if key in values]
+        if given:
+            raise ConfigError(f"--config replaces {' and '.join(given)}: declare the endpoints in the file")
+        missing = [m for m in missing if not m.startswith("--endpoint-name")]
+        values["endpoint_name"] = values["config"][0].name
+    elif not values.get("upstream") and not values.get("variant"):
         missing.append("--upstream is required (or set SAGEMAKER_PROXY_UPSTREAM), or give --variant")
     if missing:
         raise ConfigError("; ".join(missing))

@@ -29,7 +29,8 @@ class VariantSet:
     """The variants of one process, and the background work that keeps their live counts."""
 
     def __init__(self) -> None:
-        self.variants: list[Variant] = []
+        self.variants: list[Variant] = []  # of every endpoint, in order
+        self.endpoints: dict[str, list[Variant]] = {}  # each endpoint's, the first served on the native routes
         self._clients: list[HttpUpstream | BalancedUpstream] = []
         self._jobs: list[Callable[[], Coroutine[Any, Any, None]]] = []
         self._tasks: list[asyncio.Task[None]] = []
@@ -52,7 +53,7 @@ class VariantSet:
 
 def upstream_client(settings: Settings, spec: VariantConfig) -> HttpUpstream | BalancedUpstream:
     """One model: a plain client. Several, or a count of the healthy ones: health-checked and balanced."""
-    if len(spec.upstreams) == 1 and settings.instance_count_from.kind != "upstreams":
+    if len(spec.upstreams) == 1 and (spec.count_from or settings.instance_count_from).kind != "upstreams":
         return HttpUpstream(spec.upstreams[0], idle_timeout=settings.upstream_idle_timeout)
     check = HealthCheck(
         path=settings.ping_path,
@@ -64,14 +65,15 @@ def upstream_client(settings: Settings, spec: VariantConfig) -> HttpUpstream | B
     return BalancedUpstream(list(spec.upstreams), check, idle_timeout=settings.upstream_idle_timeout)
 
 
-def _count_source(settings: Settings, spec: VariantConfig, client: HttpUpstream | BalancedUpstream) -> InstanceCountSource:
-    kind, arg = settings.instance_count_from.kind, settings.instance_count_from.arg
+def _count_source(settings: Settings, endpoint: str, spec: VariantConfig, client: HttpUpstream | BalancedUpstream) -> InstanceCountSource:
+    source = spec.count_from or settings.instance_count_from
+    kind, arg = source.kind, source.arg
     if kind == "upstreams":
         assert isinstance(client, BalancedUpstream)
         return UpstreamsInstanceCount(client)
     if kind == "sagemaker":
         return SageMakerInstanceCount(
-            settings.endpoint_name, spec.name,
+            endpoint, spec.name,
             lambda: sagemaker_client(settings.cloudwatch.region, settings.sagemaker_endpoint_url),
             interval_s=settings.instance_count_interval,
         )
@@ -79,7 +81,7 @@ def _count_source(settings: Settings, spec: VariantConfig, client: HttpUpstream 
         return FileInstanceCount(Path(arg))
     if kind == "dns":
         return DnsInstanceCount(arg, interval_s=settings.instance_count_interval)
-    return StaticInstanceCount(settings.instance_count)
+    return StaticInstanceCount(spec.instance_count or settings.instance_count)
 
 
 def _live_count_to(recorder: InvocationRecorder) -> Callable[[int], None]:
@@ -92,7 +94,7 @@ def _live_count_to(recorder: InvocationRecorder) -> Callable[[int], None]:
 def build_variants(
     settings: Settings,
     metrics: InvocationMetrics,
-    statistics: Mapping[str, PeriodStatistics],
+    statistics: Mapping[tuple[str, str], PeriodStatistics],
     *,
     in_flight: Callable[[int], InFlight] = lambda column: InFlight(),
     count: bool = True,
@@ -100,18 +102,19 @@ def build_variants(
     """Each variant's client, live count and recorder. ``in_flight(i)`` counts variant i's invocations in
     flight; ``count=False`` (a process that serves no invocations) polls no live count."""
     out = VariantSet()
-    for i, spec in enumerate(settings.variants):
+    specs = [(endpoint.name, spec) for endpoint in settings.endpoints for spec in endpoint.variants]
+    for i, (endpoint, spec) in enumerate(specs):
         recorder = InvocationRecorder(
             metrics,
-            endpoint_name=settings.endpoint_name,
+            endpoint_name=endpoint,
             variant_name=spec.name,
             reject_reasons=REJECT_REASONS,
             upstream_error_reasons=UPSTREAM_ERROR_REASONS,
-            statistics=statistics.get(spec.name),
+            statistics=statistics.get((endpoint, spec.name)),
             in_flight=in_flight(i),
         )
         client = upstream_client(settings, spec)
-        source = _count_source(settings, spec, client)
+        source = _count_source(settings, endpoint, spec, client)
         recorder.live_instances(source.current())
         if isinstance(client, BalancedUpstream):
             if isinstance(source, UpstreamsInstanceCount):
@@ -123,4 +126,5 @@ def build_variants(
             out._jobs.append(source.run)
         out._clients.append(client)
         out.variants.append(Variant(spec.name, client, recorder, source, spec.weight))
+        out.endpoints.setdefault(endpoint, []).append(out.variants[-1])
     return out

@@ -143,7 +143,7 @@ def start_proxy(tmp_path: Path) -> Iterator[Callable[..., Proxy]]:
         log = tmp_path / f"proxy-{len(started)}.log"
         args = [
             "-m", "proxy", "serve", *(("--upstream", upstream) if upstream else ()), "--host", "127.0.0.1",
-            "--port", str(port), "--metrics-port", str(metrics_port), "--endpoint-name", "test-endpoint",
+            "--port", str(port), "--metrics-port", str(metrics_port), *(() if "--config" in flags else ("--endpoint-name", "test-endpoint")),
             "--log-level", "warning", *flags,
         ]
         running = start(args, port, log, wait_port=metrics_port)

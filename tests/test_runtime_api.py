@@ -304,3 +304,87 @@ def test_sigv4_needs_a_readable_credentials_file(tmp_path: Path) -> None:
     bad.write_text("only-one-field\n")
     result = run_cli("serve", "--upstream", "http://127.0.0.1:1", "--endpoint-name", "e", "--auth", "sigv4", "--auth-credentials", str(bad))
     assert result.returncode == 2 and "line 1: expected ACCESS_KEY_ID SECRET_ACCESS_KEY" in result.stderr
+
+
+# -- several endpoints from a config file -------------------------------------------------------------------
+
+
+def test_two_endpoints_from_a_config_file_each_with_two_weighted_variants(
+    model: Running, start_proxy: Callable[..., Proxy], tmp_path: Path
+) -> None:
+    config = tmp_path / "endpoints.toml"
+    config.write_text(f"""
+[[Endpoints]]
+EndpointName = "iris"
+[[Endpoints.ProductionVariants]]
+VariantName = "Blue"
+InitialVariantWeight = 3
+Instances = ["{model.url}"]
+[[Endpoints.ProductionVariants]]
+VariantName = "Green"
+InitialVariantWeight = 1
+Instances = ["{model.url}"]
+InitialInstanceCount = 4
+
+[[Endpoints]]
+EndpointName = "chat"
+[[Endpoints.ProductionVariants]]
+VariantName = "Small"
+InitialVariantWeight = 1
+Instances = ["{model.url}"]
+[[Endpoints.ProductionVariants]]
+VariantName = "Large"
+InitialVariantWeight = 1
+Instances = ["{model.url}"]
+""")
+    proxy = start_proxy(None, "--config", str(config))
+    client = runtime(proxy)
+    served = {"iris": [], "chat": []}
+    for name, n in (("iris", 200), ("chat", 100)):
+        for _ in range(n):
+            served[name].append(client.invoke_endpoint(EndpointName=name, Body=BODY)["InvokedProductionVariant"])
+    assert 130 <= served["iris"].count("Blue") <= 170 and served["iris"].count("Blue") + served["iris"].count("Green") == 200
+    assert 30 <= served["chat"].count("Small") <= 70 and served["chat"].count("Small") + served["chat"].count("Large") == 100
+    assert client.invoke_endpoint(EndpointName="chat", Body=BODY, TargetVariant="Large")["InvokedProductionVariant"] == "Large"
+    with pytest.raises(ClientError) as raised:
+        client.invoke_endpoint(EndpointName="chat", Body=BODY, TargetVariant="Blue")  # iris's, not chat's
+    assert raised.value.response["Error"]["Code"] == "ValidationError"
+    # The native route goes to the first endpoint.
+    assert httpx.post(f"{proxy.url}/invocations", content=BODY).headers["x-amzn-invoked-production-variant"] in ("Blue", "Green")
+    def invocations(endpoint: str, variant: str) -> float:
+        return proxy.value("sagemaker_invocations_total", endpoint_name=endpoint, variant_name=variant)
+
+    blue, green = invocations("iris", "Blue"), invocations("iris", "Green")
+    assert (blue - served["iris"].count("Blue"), green - served["iris"].count("Green")) in ((1, 0), (0, 1))  # + the native call
+    assert invocations("chat", "Small") == served["chat"].count("Small")
+    assert invocations("chat", "Large") == served["chat"].count("Large") + 1
+    assert proxy.value("sagemaker_live_instances", endpoint_name="iris", variant_name="Green") == 4
+    assert proxy.value("sagemaker_proxy_rejected_requests_total", endpoint_name="chat", variant_name="Small", reason="unknown_variant") == 1
+    assert len(received(model)) == 302
+
+
+@pytest.mark.parametrize(
+    ("text", "says"),
+    [
+        ("[[Endpoints]]\nEndpointName = 'a'\n", "Endpoints[0].ProductionVariants must be one or more"),
+        ("[[Endpoints]]\nEndpointName = 'bad_name'\n[[Endpoints.ProductionVariants]]\nVariantName = 'V'\nInstances = ['http://a:1']\n",
+         "Endpoints[0].EndpointName must be 1-63"),
+        ("[[Endpoints]]\nEndpointName = 'a'\n[[Endpoints.ProductionVariants]]\nVariantName = 'V'\nInitialVariantWeight = 0\nInstances = ['http://a:1']\n",
+         "Endpoints[0].ProductionVariants[0].InitialVariantWeight must be a positive number, got 0"),
+        ("[[Endpoints]]\nEndpointName = 'a'\n[[Endpoints.ProductionVariants]]\nVariantName = 'V'\nInstances = ['https://a:1']\n",
+         "Endpoints[0].ProductionVariants[0].Instances must be an http:// URL"),
+        ("[[Endpoints]]\nEndpointName = 'a'\n[[Endpoints.ProductionVariants]]\nVariantName = 'V'\nInstances = ['http://a:1']\nWeight = 2\n",
+         "Endpoints[0].ProductionVariants[0].Weight is not a key here"),
+        ("Endpoints = 3", "Endpoints must be one or more [[Endpoints]] tables"),
+        ("not toml [", "is not TOML"),
+    ],
+)
+def test_a_bad_config_file_exits_2_naming_the_key(tmp_path: Path, text: str, says: str) -> None:
+    from tests.test_settings import run_cli
+
+    config = tmp_path / "endpoints.toml"
+    config.write_text(text)
+    result = run_cli("serve", "--config", str(config))
+    assert result.returncode == 2, result.stderr
+    [line] = result.stderr.splitlines()
+    assert line.startswith("sagemaker-metrics-proxy: error: --config: ") and says in line, line
