@@ -3,10 +3,15 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test bench bench-quick soak clean
+.PHONY: demo test serve bench bench-quick soak clean
 
 demo: $(VENV)/.installed
-	$(BIN)/sagemaker-metrics-proxy demo
+	$(BIN)/sagemaker-metrics-proxy demo $(ARGS)
+
+# The example model on :8081 and the proxy in front of it on :8080 (metrics on :9090), until Ctrl-C.
+serve: $(VENV)/.installed
+	$(BIN)/python -m example_model --port 8081 & model=$$!; trap 'kill $$model' EXIT INT TERM; \
+	$(BIN)/sagemaker-metrics-proxy serve --upstream http://127.0.0.1:8081 --endpoint-name my-endpoint $(ARGS)
 
 test: $(VENV)/.installed
 	$(BIN)/ruff check proxy metrics example_model tests benchmarks

@@ -385,6 +385,7 @@ def main(argv: list[str] | None = None) -> int:
         rss = {name: peak_rss_mb(t.pid) for name, t in targets.items() if t.pid}
 
     report = build_report(results, rss, soak, seconds, rounds)
+    report["quick"] = args.quick
     (args.out / "results.json").write_text(json.dumps(report, indent=2) + "\n")
     markdown = render_markdown(report)
     (args.out / "results.md").write_text(markdown)
@@ -492,7 +493,14 @@ def platform_line() -> str:
 def render_markdown(report: dict[str, object]) -> str:
     rows = report["scenarios"]
     assert isinstance(rows, list)
+    smoke = (
+        ["**Smoke run** (`--quick`: one round of 2 s per target, no soak): it shows that the benchmark runs, not how fast"
+         " anything is; one round on a shared machine can even show the proxy faster with metrics than without. Use"
+         " `make bench` for numbers.", ""]
+        if report.get("quick") else []
+    )
     lines = [
+        *smoke,
         f"Machine: {report['machine']}. wrk, {report['rounds']} round(s) of {report['seconds_per_run']:g} s per target, interleaved; medians."
         " proxy: the default (built-in) HTTP server; proxy-uvicorn: --http-server uvicorn.",
         "",
@@ -593,13 +601,16 @@ def chart(report: dict[str, object], path: Path) -> None:
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(12, 8))
     width = 0.2
     xs = range(len(rows))
+    colours = {name: f"C{i}" for i, name in enumerate(MAIN_TARGETS)}  # one colour per target in both panels
+    if report.get("quick"):
+        fig.suptitle("SMOKE RUN (--quick: 1 round of 2 s): not for comparisons; make bench for numbers", color="red")
     for i, name in enumerate(MAIN_TARGETS):
-        top.bar([x + (i - 1.5) * width for x in xs], [r[name]["rps"] for r in rows], width, label=name)
+        top.bar([x + (i - 1.5) * width for x in xs], [r[name]["rps"] for r in rows], width, label=name, color=colours[name])
     top.set_ylabel("requests/s (median)")
     top.set_title("Throughput")
     top.legend()
     for i, name in enumerate(MAIN_TARGETS[1:]):
-        bottom.bar([x + (i - 1) * width for x in xs], [r[name]["added_p50_us"] for r in rows], width, label=name, color=f"C{i + 1}")
+        bottom.bar([x + (i - 1) * width for x in xs], [r[name]["added_p50_us"] for r in rows], width, label=name, color=colours[name])
     bottom.set_ylabel("added p50 latency, us")
     bottom.set_title("Latency added over calling the model directly")
     bottom.legend()

@@ -1,4 +1,4 @@
-"""Run the example model server: python -m example_model --port 8080 [--test-knobs]."""
+"""Run the example model server: python -m example_model [--port 8081] [--test-knobs]."""
 
 from __future__ import annotations
 
@@ -17,8 +17,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         prog="python -m example_model",
         description="Iris classifier following the SageMaker inference contract (GET /ping, POST /invocations).",
     )
-    # 8080 is the port SageMaker sends traffic to inside a container.
-    parser.add_argument("--port", type=int, default=8080, help="TCP port (default: 8080)")
+    # SageMaker sends traffic to 8080 inside a container; 8081 here leaves 8080 to the proxy in front.
+    parser.add_argument("--port", type=int, default=8081, help="TCP port (default: 8081; in a SageMaker container, 8080)")
     parser.add_argument("--host", default="127.0.0.1", help="bind address (default: 127.0.0.1)")
     parser.add_argument(
         "--test-knobs",

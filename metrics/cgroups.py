@@ -260,6 +260,13 @@ class Cgroups:
         cpu_dirs = directories(cpu, "cpuacct")
         memory_dirs = directories(memory, "memory")
         log.debug("watching cgroup v%d CPU %s and v%d memory %s", cpu.version, cpu_dirs, memory.version, memory_dirs)
+        if include_own:
+            own_path = own.get("cpuacct" if cpu.version == 1 else "", "/")
+            # cgroup v2's true root has no cpu.max; a container's namespaced root (also "/") has one.
+            machine = own_path == "/" and cpu.version == 2 and not (cpu_dirs[0] / "cpu.max").exists()
+            measured = "the whole machine: this process runs in the root cgroup, as on a plain VM" if machine else f"cgroup {own_path}"
+            also = f", and of {', '.join(watch)}" if watch else ""
+            log.info("CPU and memory utilization are of %s%s", measured, also)
         return cls(
             CpuUsage(cpu_dirs, cpu.version, clock, cpus=os.cpu_count() if root == Path("/") else None),
             MemoryUsage(memory_dirs, memory.version, root / memory.mount.point.lstrip("/"), total),

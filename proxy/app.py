@@ -31,6 +31,7 @@ from proxy.tokens import EVENT_STREAM, MAX_JSON_BODY, StreamTokens, json_usage
 from proxy.types import DISCONNECT_EXTENSION, FAULT_KEY, Body, Headers, Message, Receive, Scope, Send, body_size
 
 log = logging.getLogger("proxy")
+access_log = logging.getLogger("proxy.access")
 
 # Hop-by-hop headers (RFC 9110 7.6.1) plus those this proxy sets itself.
 TARGET_VARIANT_HEADER = b"x-amzn-sagemaker-target-variant"
@@ -289,6 +290,7 @@ class ProxyApp:
         endpoint_name: str = "",
         endpoints: Mapping[str, Sequence[Variant]] | None = None,
         auth: sigv4.CredentialsFile | None = None,
+        log_access: bool = False,
         clock: Callable[[], int] = time.perf_counter_ns,
         random: Callable[[], float] = random.random,
     ) -> None:
@@ -307,6 +309,8 @@ class ProxyApp:
         self._count_tokens = count_tokens  # off only to measure what counting costs (benchmarks)
         # The Runtime API: where the model takes invocations.
         self._auth = auth  # SigV4 on the Runtime API
+        self._log_access = log_access  # one line per forwarded request (--access-log)
+        self._unreachable: set[str] = set()  # variants whose model last refused a connection: told once, and when back
         self._model_path = next((p for m, p in sorted(invocation_routes) if m == "POST"), "/invocations").encode()
         self._clock = clock
 
@@ -417,10 +421,19 @@ class ProxyApp:
                 record.fault = e.fault
                 guard.stop()
                 log.debug("model call failed: %s", e)
+                if e.fault is Fault.UPSTREAM_CONNECT and variant.name not in self._unreachable:
+                    self._unreachable.add(variant.name)
+                    log.warning(
+                        "the model of variant %s is unreachable (%s): each call gets 502 until it answers; said once, and again when it is back",
+                        variant.name, e,
+                    )
                 await self._refuse(send, e.fault, None, _server_timing(record.t_done - record.t_send, record.t_send - record.t_in), variant)
                 return
             record.t_head = clock()
             record.status = response.status
+            if self._unreachable and variant.name in self._unreachable:
+                self._unreachable.discard(variant.name)
+                log.warning("the model of variant %s answers again", variant.name)
             await self._stream_back(response, record, send, guard)
         except UpstreamError as e:
             # The model failed after the head was sent: the client's connection must be aborted,
@@ -462,6 +475,8 @@ class ProxyApp:
             record.t_out = clock()
             if record.counted:
                 variant.recorder.invocation_ended(record)
+            if self._log_access:
+                self._access(scope, record)
 
     async def _stream_back(self, response: UpstreamResponse, record: Invocation, send: Send, guard: _Guard) -> None:
         """The model's response to the client: whole if it is in already, else chunk by chunk as it comes.
@@ -539,6 +554,22 @@ class ProxyApp:
             if usage is not None:
                 record.input_tokens, record.output_tokens = usage
         await send({"type": "http.response.body", "body": b""})
+
+    @staticmethod
+    def _access(scope: Scope, record: Invocation) -> None:
+        """The access log line of a forwarded request: who, what, the status, the time split."""
+        client = scope.get("client")
+        fault = record.fault
+        status = (fault.status or 499) if fault is not None else record.status  # 499: the client went away first
+        model_ms = (record.t_done - record.t_send - record.blocked_ns) / 1e6 if record.t_done else float("nan")
+        total_ms = (record.t_out - record.t_in) / 1e6
+        variant = record.variant.name if record.variant is not None else "-"
+        access_log.info(
+            '%s "%s %s" %d %d model_ms=%.3f overhead_ms=%.3f variant=%s%s',
+            client[0] if client else "-", scope["method"], scope["path"], status, record.response_bytes,
+            model_ms, total_ms - model_ms if record.t_done else float("nan"), variant,
+            f" error={fault.reason}" if fault is not None else "",
+        )
 
     @staticmethod
     def _count_whole(record: Invocation, content_type: bytes, body: bytes, streamed: bool) -> None:

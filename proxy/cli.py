@@ -15,6 +15,9 @@ PROG = "sagemaker-metrics-proxy"
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
+        if "required: command" in message:  # no command at all: say which there are
+            self.print_usage(sys.stderr)
+            self.exit(2, f"{self.prog}: error: give a command: serve, monitor or demo (see {self.prog} --help)\n")
         # One line, no usage dump: the line names the flag and what is wrong.
         self.exit(2, f"{self.prog}: error: {message}\n")
 
@@ -34,6 +37,10 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _see_help(error: ConfigError, command: str) -> str:
+    return f" (see {PROG} {command} --help)" if " is required " in str(error) else ""
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -44,7 +51,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             settings = resolve(args, os.environ)
             server.run(settings)
         except ConfigError as e:
-            parser.exit(2, f"{PROG}: error: {e}\n")
+            parser.exit(2, f"{PROG}: error: {e}{_see_help(e, 'serve')}\n")
         return 0
     if args.command == "monitor":
         from proxy import monitor
@@ -52,7 +59,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         try:
             monitor.run(resolve_monitor(args, os.environ))
         except ConfigError as e:
-            parser.exit(2, f"{PROG}: error: {e}\n")
+            parser.exit(2, f"{PROG}: error: {e}{_see_help(e, 'monitor')}\n")
         return 0
     if args.command == "demo":
         if args.requests < 1:

@@ -6,6 +6,7 @@ import http.client
 import json
 import random
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -158,7 +159,7 @@ def run(*, requests: int, keep_running: bool) -> int:
     proxy_args = [
         "-m", "proxy", "serve", "--upstream", f"http://127.0.0.1:{model_port}", "--host", "127.0.0.1",
         "--port", str(proxy_port), "--metrics-port", str(metrics_port), "--endpoint-name", "demo-endpoint",
-        "--instance-count", "2", "--invocation-timeout", str(TIMEOUT_S), "--log-level", "error",
+        "--invocation-timeout", str(TIMEOUT_S), "--log-level", "error",
     ]
     print(f"Starting the example iris model on :{model_port} and the proxy on :{proxy_port} (metrics on :{metrics_port})")
     with _process(model_args, model_port, "example model"), _process(proxy_args, metrics_port, "proxy") as proxy:
@@ -180,8 +181,9 @@ def run(*, requests: int, keep_running: bool) -> int:
             while True:
                 finished = all(f.done() for f in futures)
                 width = min(shutil.get_terminal_size().columns, 100) - 30
+                table = _table(_scrape(metrics_port))  # scraped first: an invocation counted there has been answered
                 filled = int(width * done / requests)
-                lines = [f"  [{'#' * filled}{'.' * (width - filled)}] {done}/{requests} requests", "", *_table(_scrape(metrics_port))]
+                lines = [f"  [{'#' * filled}{'.' * (width - filled)}] {done}/{requests} requests answered", "", *table]
                 if tty:
                     if drawn:
                         sys.stdout.write(f"\x1b[{drawn}F")
@@ -197,8 +199,11 @@ def run(*, requests: int, keep_running: bool) -> int:
                 f.result()
 
         print(
-            "\nThe mix: good predictions with 2-30 ms of model time, bad input (the model's 400),"
-            f" model failures (500), calls past the {TIMEOUT_S:g} s timeout (504) and short streams."
+            "\nThe mix: good predictions with 2-30 ms of model time, bad input (the model's 400: a 4XX error),"
+            f" model failures (500: a 5XX error), calls past the {TIMEOUT_S:g} s --invocation-timeout (the proxy answers 504;"
+            " a model error, not a 5XX, as on SageMaker) and short streams. One model instance, so InvocationsPerInstance"
+            " equals Invocations. Quantiles are estimated from the histogram buckets, as Prometheus's histogram_quantile"
+            f" does: a p99 above {TIMEOUT_S:g} s comes from the bucket that holds the timed-out calls."
         )
         if keep_running:
             print(
@@ -213,11 +218,14 @@ def run(*, requests: int, keep_running: bool) -> int:
                 while True:
                     time.sleep(3600)
             except KeyboardInterrupt:
-                pass
+                signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not break the cleanup
+                print("\nStopping the model and the proxy.")
         else:
             print(
-                "\nRun it yourself: sagemaker-metrics-proxy serve --upstream http://127.0.0.1:8081 --endpoint-name my-endpoint,"
-                " send requests to :8080/invocations, and point curl or Prometheus at :9090/metrics."
-                " `sagemaker-metrics-proxy demo --keep-running` keeps this demo up to try."
+                "\nRun it yourself, from this directory:\n"
+                "  .venv/bin/python -m example_model --port 8081 &\n"
+                "  .venv/bin/sagemaker-metrics-proxy serve --upstream http://127.0.0.1:8081 --endpoint-name my-endpoint\n"
+                "then send requests to :8080/invocations and point curl or Prometheus at :9090/metrics."
+                " `make demo ARGS=--keep-running` (or `.venv/bin/sagemaker-metrics-proxy demo --keep-running`) keeps this demo up to try."
             )
     return 0

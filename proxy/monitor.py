@@ -23,7 +23,7 @@ log = logging.getLogger("proxy")
 async def monitor(settings: MonitorSettings, admin_sock: socket.socket, host: Host) -> None:
     registry = CollectorRegistry()
     background = Background(settings.cloudwatch, registry, health_labels=host.labels, host=host)
-    server = listener(create_admin_app(lambda: registry), settings)
+    server = listener(create_admin_app(lambda: registry), settings, name="metrics port")
     stop_on_signals(server)
     log.info(
         "sampling %s every %g s; metrics on %s:%d/metrics", host.labels["host"], settings.sampling.interval,

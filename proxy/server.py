@@ -37,6 +37,7 @@ from proxy.types import DISCONNECT_EXTENSION, ASGIApp
 from proxy.variants import VariantSet, build_variants
 
 log = logging.getLogger("proxy")
+LOG_ORDER = ("debug", "info", "warning", "error", "critical")
 IN_FLIGHT_FILE = "in_flight.cells"  # in the multiprocess directory; not *.db, which prometheus-client reads as metrics
 
 
@@ -96,7 +97,7 @@ class UvicornListener:
             server_header=False,
             date_header=False,
             log_config=None,
-            log_level=settings.log_level,
+            log_level=max(settings.log_level, "warning", key=LOG_ORDER.index),  # its own start and stop lines are ours (_Named)
             timeout_keep_alive=int(keep_alive) or 1,
             proxy_headers=False,  # the peer address is the client's; we add X-Forwarded-For ourselves
         ))
@@ -108,12 +109,34 @@ class UvicornListener:
         self._server.should_exit = True
 
 
-def listener(app: ASGIApp, settings: Settings | MonitorSettings, on_refused: Callable[[Fault], None] | None = None) -> Listener:
+class _Named:
+    """A server that says, once each, that it serves which port and that it stopped."""
+
+    def __init__(self, server: Listener, name: str, kind: str) -> None:
+        self._server = server
+        self._name = name
+        self._kind = kind
+
+    async def serve(self, sock: socket.socket) -> None:
+        host, port = sock.getsockname()[:2]
+        log.info("%s: serving on %s:%d (%s)", self._name, host, port, self._kind)
+        try:
+            await self._server.serve(sock)
+        finally:
+            log.info("%s: stopped", self._name)
+
+    def stop(self) -> None:
+        self._server.stop()
+
+
+def listener(
+    app: ASGIApp, settings: Settings | MonitorSettings, on_refused: Callable[[Fault], None] | None = None, *, name: str
+) -> Listener:
     """The server for one port: the built-in front door, or uvicorn where ``--http-server uvicorn`` asks for it."""
     if not isinstance(settings, Settings):
-        return HttpServer(app)
+        return _Named(HttpServer(app), name, "built-in HTTP/1.1 server")
     if settings.http_server == "uvicorn":
-        return UvicornListener(app, settings)
+        return _Named(UvicornListener(app, settings), name, "uvicorn")
     limits = Limits(
         head_timeout=settings.request_head_timeout,
         keep_alive_timeout=settings.keep_alive_timeout,
@@ -123,7 +146,7 @@ def listener(app: ASGIApp, settings: Settings | MonitorSettings, on_refused: Cal
         max_connections=settings.max_connections,
         write_timeout=settings.client_write_timeout,
     )
-    return HttpServer(app, limits, on_refused=on_refused)
+    return _Named(HttpServer(app, limits, on_refused=on_refused), name, "built-in HTTP/1.1 server")
 
 
 def bind(host: str, port: int) -> socket.socket:
@@ -172,6 +195,7 @@ def _proxy_app(
     app = ProxyApp(
         variants=variants.variants,
         endpoints=variants.endpoints,
+        log_access=settings.access_log,
         invocation_routes=settings.invocation_routes,
         max_payload_bytes=settings.max_payload_bytes,
         invocation_timeout=settings.invocation_timeout,
@@ -220,14 +244,14 @@ async def serve(settings: Settings, proxy_sock: socket.socket, admin_sock: socke
     background = _background(settings, registry, invocations=True, host=host)
     app, variants = _proxy_app(settings, registry, background.statistics)
     admin = create_admin_app(lambda: registry, variants.upstreams(), ping_path=settings.ping_path)
-    proxy_server = listener(app, settings, on_refused=_count_refusals(variants))
+    proxy_server = listener(app, settings, on_refused=_count_refusals(variants), name="proxy port")
     # On SIGTERM the proxy port drains first; the admin port answers until the last invocation is recorded.
     stop_on_signals(proxy_server)
     _log_start(settings)
     async with contextlib.AsyncExitStack() as pieces:
         await pieces.enter_async_context(variants)
         await pieces.enter_async_context(background)  # its last CloudWatch period is flushed after the drain
-        await pieces.enter_async_context(serving(listener(admin, settings), admin_sock))
+        await pieces.enter_async_context(serving(listener(admin, settings, name="admin port"), admin_sock))
         await proxy_server.serve(proxy_sock)
 
 
@@ -272,7 +296,7 @@ async def _serve_worker(settings: Settings, proxy_sock: socket.socket, multiproc
         settings, registry, background.statistics, SharedFiles(multiproc_dir),
         lambda column: SharedInFlight(in_flight_path, index, column, columns),
     )
-    server = listener(app, settings, on_refused=_count_refusals(variants))
+    server = listener(app, settings, on_refused=_count_refusals(variants), name=f"proxy port, worker {index}")
     stop_on_signals(server)
     async with contextlib.AsyncExitStack() as pieces:
         await pieces.enter_async_context(variants)
@@ -379,7 +403,7 @@ async def _supervise(
     # /readyz: the supervisor's own clients, from the workers' builder, health loops running (a balanced client
     # without its loop would take an instance out for good at one refused ping of a model still starting).
     readiness = build_variants(settings, InvocationMetrics(CollectorRegistry()), {}, count=False)
-    admin_server = listener(create_admin_app(collect, readiness.upstreams(), ping_path=settings.ping_path), settings)
+    admin_server = listener(create_admin_app(collect, readiness.upstreams(), ping_path=settings.ping_path), settings, name="admin port")
     workers = _Workers(settings, proxy_sock, multiproc_dir)
     stop_on_signals(workers, admin_server)
     _log_start(settings)
@@ -395,6 +419,8 @@ def setup_logging(settings: Settings | MonitorSettings) -> None:
 
     disable_created_metrics()  # *_created series double the exposition and nobody reads them
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s")
+    if isinstance(settings, Settings) and settings.access_log:
+        logging.getLogger("proxy.access").setLevel(logging.INFO)  # whatever --log-level says
 
 
 def run(settings: Settings) -> None:

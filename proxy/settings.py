@@ -96,9 +96,11 @@ def _upstream(raw: str) -> str:
     if parts.scheme != "http":
         raise ValueError(f"must be an http:// URL of the model server, got {raw!r}")
     try:
-        parts.port  # noqa: B018  # raises on a bad port
+        port = parts.port
     except ValueError:
         raise ValueError(f"has a bad port: {raw!r}") from None
+    if port is None:
+        raise ValueError(f"must name its port, http://host:port, got {raw!r}")
     if not parts.hostname or parts.path not in ("", "/") or parts.query:
         raise ValueError(f"must be http://host:port with no path, got {raw!r}")
     return f"http://{parts.netloc}"
@@ -119,10 +121,10 @@ def _variant(raw: str) -> VariantConfig:
         raise ValueError(f"must end in :WEIGHT, a number, got {raw!r}") from None
     if not math.isfinite(share) or share <= 0:
         raise ValueError(f"needs a positive weight, got {raw!r}")
-    upstreams = tuple(_upstreams(urls))
     # Every URL names its port, so "http://host:8081" can never be read as host on port 80, weight 8081.
-    if any(urlsplit(u).port is None or u.count(":") < 2 for u in (p.strip() for p in urls.split(","))):
+    if any(u.count(":") < 2 or urlsplit(u).port is None for u in (p.strip() for p in urls.split(","))):
         raise ValueError(f"must be NAME=URL[,URL...]:WEIGHT with each URL as http://host:port, got {raw!r}")
+    upstreams = tuple(_upstreams(urls))
     return VariantConfig(_name(name), upstreams, share)
 
 
@@ -543,6 +545,11 @@ class Settings:
     auth: str = option("--auth", _auth, "authentication on the SageMaker Runtime API routes: `none`, or `sigv4` (AWS Signature Version 4, service `sagemaker`, as SageMaker checks it)", "none")
     auth_credentials: Path | None = option(
         "--auth-credentials", _credentials_file, "with `--auth sigv4`: a file of `ACCESS_KEY_ID SECRET_ACCESS_KEY` lines, re-read when it changes", None, absent="none",
+    )
+    access_log: bool = option(
+        "--access-log", _bool,
+        "log one line per forwarded request (client, request line, status, bytes, ModelLatency and OverheadLatency in ms, variant) to the `proxy.access` logger (`true`/`false` in the environment)",
+        False, absent="off", switch=True,
     )
     instance_id: str | None = option("--instance-id", _instance_id, "this instance in the Host dimension, `[endpoint]/[variant]/[instance-id]`", None, absent="the hostname")
     log_level: str = _log_level_option()

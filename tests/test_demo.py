@@ -20,9 +20,13 @@ def test_demo_sends_traffic_and_shows_the_counts() -> None:
     out = result.stdout
     assert "60/60 requests" in out
     assert re.search(r"Invocations\s+60\.0", out), out
-    # The demo runs two instances, so InvocationsPerInstance is half the invocations.
-    assert re.search(r"InvocationsPerInstance\s+30\.0", out), out
+    # One instance: InvocationsPerInstance equals Invocations, and the legend says so.
+    assert re.search(r"InvocationsPerInstance\s+60\.0", out), out
+    assert "InvocationsPerInstance equals Invocations" in out
     assert re.search(r"ModelLatency\s+\d+\.\d+", out), out
+    # The hint names commands that work as written from the repository, model first.
+    assert ".venv/bin/python -m example_model --port 8081 &" in out
+    assert ".venv/bin/sagemaker-metrics-proxy serve --upstream http://127.0.0.1:8081 --endpoint-name my-endpoint" in out
     assert "point curl or Prometheus" in out
 
 

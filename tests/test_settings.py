@@ -381,9 +381,11 @@ def test_cli_port_already_taken_exits_2(taken: str) -> None:
 
 
 @pytest.mark.e2e
-def test_cli_without_a_command_exits_2() -> None:
+def test_cli_without_a_command_exits_2_with_the_usage() -> None:
     result = run_cli()
-    assert_one_error_line(result)
+    assert result.returncode == 2 and result.stdout == ""
+    usage, error = result.stderr.splitlines()  # the usage, then one error line (tests/test_newcomer.py reads them)
+    assert usage.startswith("usage: ") and error.startswith(ERROR_PREFIX)
 
 
 @pytest.mark.e2e

@@ -1,0 +1,96 @@
+"""What a newcomer meets first: the README's commands as written, the messages of a wrong start, and the log."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import time
+from collections.abc import Callable
+
+import httpx
+import pytest
+
+from tests.conftest import ROOT, Proxy, free_port, start
+from tests.test_settings import run_cli
+
+README = ROOT / "README.md"
+
+
+def test_no_command_shows_the_usage_and_the_commands() -> None:
+    result = run_cli()
+    assert result.returncode == 2
+    usage, error = result.stderr.splitlines()
+    assert usage.startswith("usage: sagemaker-metrics-proxy")
+    assert error == "sagemaker-metrics-proxy: error: give a command: serve, monitor or demo (see sagemaker-metrics-proxy --help)"
+
+
+def test_every_missing_flag_in_one_line_with_a_pointer_to_help() -> None:
+    result = run_cli("serve")
+    assert result.returncode == 2
+    [line] = result.stderr.splitlines()
+    assert "--endpoint-name is required" in line and "--upstream is required" in line
+    assert line.endswith("(see sagemaker-metrics-proxy serve --help)")
+
+
+def test_an_upstream_without_a_port_is_refused() -> None:
+    result = run_cli("serve", "--upstream", "http://127.0.0.1", "--endpoint-name", "e")
+    assert result.returncode == 2
+    assert result.stderr.strip() == "sagemaker-metrics-proxy: error: --upstream: must name its port, http://host:port, got 'http://127.0.0.1'"
+
+
+@pytest.mark.e2e
+def test_an_unreachable_model_is_one_warning_and_its_return_one_more(start_proxy: Callable[..., Proxy], tmp_path: os.PathLike[str]) -> None:
+    port = free_port()
+    proxy = start_proxy(f"http://127.0.0.1:{port}")
+    for _ in range(100):
+        assert httpx.post(f"{proxy.url}/invocations", content=b"{}").status_code == 502
+    model = start(["-m", "example_model", "--host", "127.0.0.1", "--port", str(port)], port, proxy.log.parent / "model.log")
+    try:
+        assert httpx.post(f"{proxy.url}/invocations", json={"instances": [[5.1, 3.5, 1.4, 0.2]]}).status_code == 200
+        for _ in range(10):
+            assert httpx.post(f"{proxy.url}/invocations", json={"instances": [[5.1, 3.5, 1.4, 0.2]]}).status_code == 200
+    finally:
+        model.stop()
+    log = proxy.log.read_text()
+    assert log.count("is unreachable") == 1, log
+    assert log.count("answers again") == 1, log
+    assert proxy.value("sagemaker_proxy_upstream_errors_total", reason="connect_failed") == 100
+
+
+@pytest.mark.e2e
+def test_access_log_and_one_line_per_port(model: object, start_proxy: Callable[..., Proxy]) -> None:
+    url = model.url  # type: ignore[attr-defined]
+    quiet = start_proxy(url, "--log-level", "info")
+    assert httpx.post(f"{quiet.url}/invocations", json={"instances": [[5.1, 3.5, 1.4, 0.2]]}).status_code == 200
+    time.sleep(0.2)
+    log = quiet.log.read_text()
+    assert log.count("proxy port: serving on 127.0.0.1:") == 1 and log.count("admin port: serving on 127.0.0.1:") == 1, log
+    assert "proxy.access" not in log  # off by default
+    logged = start_proxy(url, "--access-log")  # at --log-level warning, the access log still writes
+    assert httpx.post(f"{logged.url}/invocations?x=1", json={"instances": [[5.1, 3.5, 1.4, 0.2]]}, headers={"X-Test-Delay-Ms": "20"}).status_code == 200
+    assert httpx.post(f"{logged.url}/invocations", json={"instances": [[5.1, 3.5, 1.4, 0.2]]}, headers={"X-Test-Status": "503"}).status_code == 503
+    time.sleep(0.2)
+    lines = [line for line in logged.log.read_text().splitlines() if "proxy.access" in line]
+    assert len(lines) == 2, lines
+    fields = re.search(r'proxy\.access\[\d+\]: 127\.0\.0\.1 "POST /invocations" 200 (\d+) model_ms=([\d.]+) overhead_ms=([\d.]+) variant=AllTraffic$', lines[0])
+    assert fields is not None, lines[0]
+    assert int(fields[1]) > 0 and float(fields[2]) >= 20 and 0 <= float(fields[3]) < 20
+    assert ' "POST /invocations" 503 ' in lines[1]
+
+
+@pytest.mark.e2e
+def test_the_readme_commands_run_as_written() -> None:
+    """The block after the quick start, run by bash from the repository, as a newcomer would paste it."""
+    text = README.read_text()
+    start_at = text.index("Then, by hand:")
+    block = text[start_at:].split("```sh\n", 1)[1].split("```", 1)[0]
+    for port in (8080, 8081, 9090):
+        with __import__("socket").socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                pytest.fail(f"port {port} is taken here; the README's commands need it free")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SAGEMAKER_PROXY_")}
+    result = subprocess.run(["bash", "-e", "-c", block], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, (result.stdout, result.stderr)
+    assert '"predictions"' in result.stdout
+    assert re.search(r'^sagemaker_invocations_total\{endpoint_name="my-endpoint",variant_name="AllTraffic"\} 1\.0$', result.stdout, re.M), result.stdout
