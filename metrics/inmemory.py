@@ -16,12 +16,14 @@ from __future__ import annotations
 import bisect
 import os
 import struct
+import time
 from collections.abc import Iterable, Sequence
 from typing import TypeVar
 
 from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.mmap_dict import MmapedDict, mmap_key
 from prometheus_client.registry import Collector, CollectorRegistry
+from prometheus_client.samples import Exemplar
 from prometheus_client.utils import floatToGoString
 
 from metrics.definitions import Kind, MetricDefinition
@@ -110,16 +112,24 @@ class SharedGaugeChild(SharedCounterChild, GaugeChild):
 
 
 class HistogramChild:
-    __slots__ = ("bounds", "counts", "total")
+    __slots__ = ("bounds", "counts", "exemplars", "total")
 
     def __init__(self, bounds: tuple[float, ...]) -> None:
         self.bounds = bounds
         self.counts = [0] * (len(bounds) + 1)  # per bucket, not cumulative; the last one is +Inf
         self.total = 0.0
+        self.exemplars: list[Exemplar | None] | None = None  # per bucket, the latest traced observation
 
     def observe(self, value: float) -> None:
         self.total += value
         self.counts[bisect.bisect_left(self.bounds, value)] += 1
+
+    def observe_traced(self, value: float, trace_id: str) -> None:
+        """An observation with the trace it belongs to: the bucket's exemplar in the OpenMetrics exposition."""
+        self.observe(value)
+        if self.exemplars is None:
+            self.exemplars = [None] * len(self.counts)
+        self.exemplars[bisect.bisect_left(self.bounds, value)] = Exemplar({"trace_id": trace_id}, value, time.time())
 
 
 class SharedHistogramChild(HistogramChild):
@@ -136,6 +146,9 @@ class SharedHistogramChild(HistogramChild):
         self.counts[i] += 1
         self.bucket_slots[i].write(self.counts[i])
         self.sum_slot.write(self.total)
+
+    def observe_traced(self, value: float, trace_id: str) -> None:
+        self.observe(value)  # prometheus-client's multiprocess files hold no exemplars
 
 
 class _Family:
@@ -218,9 +231,11 @@ class Histogram(_Family):
         for values, child in self.children.items():
             assert isinstance(child, HistogramChild)
             cumulative, buckets = 0, []
-            for edge, count in zip(self.edges, child.counts, strict=True):
+            exemplars = child.exemplars
+            for i, (edge, count) in enumerate(zip(self.edges, child.counts, strict=True)):
                 cumulative += count
-                buckets.append((edge, float(cumulative)))
+                exemplar = exemplars[i] if exemplars is not None else None
+                buckets.append((edge, float(cumulative)) if exemplar is None else (edge, float(cumulative), exemplar))
             family.add_metric(values, buckets, child.total)
         return family
 

@@ -70,6 +70,9 @@ class Outcome(Protocol):
     def output_tokens(self) -> int: ...
     @property
     def time_per_output_token_us(self) -> float | None: ...
+    @property
+    def trace_id(self) -> str | None:
+        """With tracing on: the invocation's trace, the exemplar of its latency buckets."""
 
 
 class InvocationMetrics:
@@ -187,8 +190,13 @@ class InvocationRecorder:
                 self._errors_5xx.inc()
         model_us = outcome.model_us
         overhead_us = outcome.overhead_us
-        self._model_latency.observe(model_us * US)
-        self._overhead_latency.observe(overhead_us * US)
+        trace_id = outcome.trace_id
+        if trace_id is None:
+            self._model_latency.observe(model_us * US)
+            self._overhead_latency.observe(overhead_us * US)
+        else:
+            self._model_latency.observe_traced(model_us * US, trace_id)
+            self._overhead_latency.observe_traced(overhead_us * US, trace_id)
         self._request_size.observe(outcome.request_bytes)
         self._response_size.observe(outcome.response_bytes)
         first_chunk_us = outcome.first_chunk_us

@@ -28,6 +28,7 @@ from proxy.errors import Fault, UpstreamError, error_body
 from proxy.http.client import GATHER_BYTES, UpstreamClient, UpstreamResponse
 from proxy.instances import InstanceCountSource
 from proxy.tokens import EVENT_STREAM, MAX_JSON_BODY, StreamTokens, json_usage
+from proxy.tracing import Tracing
 from proxy.types import DISCONNECT_EXTENSION, FAULT_KEY, Body, Headers, Message, Receive, Scope, Send, body_size
 
 log = logging.getLogger("proxy")
@@ -196,6 +197,8 @@ class Invocation:
     input_tokens: int = 0  # OpenAI-compatible responses (proxy.tokens)
     output_tokens: int = 0
     time_per_output_token_ns: float | None = None
+    endpoint: str = ""  # the endpoint's name
+    trace_id: str | None = None  # with tracing on (proxy.tracing)
 
     # What the recorder reads (metrics.recorder.Outcome).
     @property
@@ -291,6 +294,7 @@ class ProxyApp:
         endpoints: Mapping[str, Sequence[Variant]] | None = None,
         auth: sigv4.CredentialsFile | None = None,
         log_access: bool = False,
+        tracing: Tracing | None = None,
         clock: Callable[[], int] = time.perf_counter_ns,
         random: Callable[[], float] = random.random,
     ) -> None:
@@ -310,9 +314,15 @@ class ProxyApp:
         # The Runtime API: where the model takes invocations.
         self._auth = auth  # SigV4 on the Runtime API
         self._log_access = log_access  # one line per forwarded request (--access-log)
+        self._tracing = tracing  # None: no tracing, and nothing of it on the request path
         self._unreachable: set[str] = set()  # variants whose model last refused a connection: told once, and when back
         self._model_path = next((p for m, p in sorted(invocation_routes) if m == "POST"), "/invocations").encode()
         self._clock = clock
+
+    def shutdown(self) -> None:
+        """At exit, after the drain: the spans still queued go to the collector."""
+        if self._tracing is not None:
+            self._tracing.shutdown()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -392,6 +402,7 @@ class ProxyApp:
         headers[0] = (b"host", variant.upstream.authority)
         query: bytes = scope.get("query_string", b"") if api is None else b""
         record.variant = variant
+        record.endpoint = endpoint.name
         record.counted = self._record and (api is not None or (method, scope_path) in self._routes)
         record.request_bytes = body_size(body)
         return _Forward(method.encode(), raw_path + b"?" + query if query else raw_path, headers, body)
@@ -411,6 +422,12 @@ class ProxyApp:
             record.instances = variant.instances.current()
             variant.recorder.invocation_started()
         response: UpstreamResponse | None = None
+        tracing = self._tracing
+        spans = None
+        if tracing is not None:
+            offset = tracing.wall_offset(clock())
+            spans = tracing.begin(scope, record, variant, request.headers, record.t_in + offset)
+            record.trace_id = format(spans[0].get_span_context().trace_id, "032x")
         self._in_flight += 1
         try:
             record.t_send = clock()
@@ -424,8 +441,8 @@ class ProxyApp:
                 if e.fault is Fault.UPSTREAM_CONNECT and variant.name not in self._unreachable:
                     self._unreachable.add(variant.name)
                     log.warning(
-                        "the model of variant %s is unreachable (%s): each call gets 502 until it answers; said once, and again when it is back",
-                        variant.name, e,
+                        "the model of variant %s is unreachable (%s): each call gets 502 until it answers; said once, and again when it is back%s",
+                        variant.name, e, f" (trace_id={record.trace_id})" if record.trace_id is not None else "",
                     )
                 await self._refuse(send, e.fault, None, _server_timing(record.t_done - record.t_send, record.t_send - record.t_in), variant)
                 return
@@ -473,6 +490,9 @@ class ProxyApp:
             if response is not None:
                 response.close()
             record.t_out = clock()
+            if spans is not None:
+                assert tracing is not None
+                tracing.end(spans, record, record.endpoint, offset)
             if record.counted:
                 variant.recorder.invocation_ended(record)
             if self._log_access:
@@ -565,10 +585,11 @@ class ProxyApp:
         total_ms = (record.t_out - record.t_in) / 1e6
         variant = record.variant.name if record.variant is not None else "-"
         access_log.info(
-            '%s "%s %s" %d %d model_ms=%.3f overhead_ms=%.3f variant=%s%s',
+            '%s "%s %s" %d %d model_ms=%.3f overhead_ms=%.3f variant=%s%s%s',
             client[0] if client else "-", scope["method"], scope["path"], status, record.response_bytes,
             model_ms, total_ms - model_ms if record.t_done else float("nan"), variant,
             f" error={fault.reason}" if fault is not None else "",
+            f" trace_id={record.trace_id}" if record.trace_id is not None else "",
         )
 
     @staticmethod

@@ -33,6 +33,8 @@ from proxy.errors import Fault
 from proxy.http.server import HttpServer, Limits
 from proxy.settings import ConfigError, MonitorSettings, Settings
 from proxy.sigv4 import CredentialsFile
+from proxy.tracing import Tracing
+from proxy.tracing import wanted as tracing_wanted
 from proxy.types import DISCONNECT_EXTENSION, ASGIApp
 from proxy.variants import VariantSet, build_variants
 
@@ -196,6 +198,7 @@ def _proxy_app(
         variants=variants.variants,
         endpoints=variants.endpoints,
         log_access=settings.access_log,
+        tracing=Tracing(registry, settings.otel) if tracing_wanted(settings.otel) else None,
         invocation_routes=settings.invocation_routes,
         max_payload_bytes=settings.max_payload_bytes,
         invocation_timeout=settings.invocation_timeout,
@@ -249,6 +252,7 @@ async def serve(settings: Settings, proxy_sock: socket.socket, admin_sock: socke
     stop_on_signals(proxy_server)
     _log_start(settings)
     async with contextlib.AsyncExitStack() as pieces:
+        pieces.callback(app.shutdown)
         await pieces.enter_async_context(variants)
         await pieces.enter_async_context(background)  # its last CloudWatch period is flushed after the drain
         await pieces.enter_async_context(serving(listener(admin, settings, name="admin port"), admin_sock))
@@ -299,6 +303,7 @@ async def _serve_worker(settings: Settings, proxy_sock: socket.socket, multiproc
     server = listener(app, settings, on_refused=_count_refusals(variants), name=f"proxy port, worker {index}")
     stop_on_signals(server)
     async with contextlib.AsyncExitStack() as pieces:
+        pieces.callback(app.shutdown)
         await pieces.enter_async_context(variants)
         await pieces.enter_async_context(background)
         await server.serve(proxy_sock)

@@ -551,6 +551,11 @@ class Settings:
         "log one line per forwarded request (client, request line, status, bytes, ModelLatency and OverheadLatency in ms, variant) to the `proxy.access` logger (`true`/`false` in the environment)",
         False, absent="off", switch=True,
     )
+    otel: str | None = option(
+        "--otel", _http_url,
+        "an OTLP/HTTP collector, such as http://127.0.0.1:4318, to send traces to (needs the otel extra); tracing is also on where OTEL_EXPORTER_OTLP_ENDPOINT or OTEL_EXPORTER_OTLP_TRACES_ENDPOINT is set, and off under OTEL_SDK_DISABLED=true",
+        None, absent="off",
+    )
     instance_id: str | None = option("--instance-id", _instance_id, "this instance in the Host dimension, `[endpoint]/[variant]/[instance-id]`", None, absent="the hostname")
     log_level: str = _log_level_option()
     # Benchmark-only (--no-record-metrics, not shown): forward without recording metrics, to measure what recording costs.

@@ -34,6 +34,7 @@ class Ended:
     input_tokens: int = 0
     output_tokens: int = 0
     time_per_output_token_us: float | None = None
+    trace_id: str | None = None
 
 
 def record_a_mix(shared: SharedFiles | None = None) -> CollectorRegistry:
