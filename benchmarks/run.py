@@ -16,7 +16,6 @@ import json
 import os
 import re
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -24,13 +23,15 @@ import tempfile
 import time
 import urllib.request
 from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import AbstractContextManager, ExitStack, contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import IO
 
 import psutil
 from prometheus_client.parser import text_string_to_metric_families
+
+from proxy.processes import free_port, started, wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
 IRIS = '{"instances": [[5.1, 3.5, 1.4, 0.2]]}'
@@ -122,54 +123,9 @@ class Result:
         return statistics.median(values) if values else None
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def wait_for(port: int, proc: subprocess.Popen[bytes] | None = None, timeout: float = 20) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc is not None and proc.poll() is not None:
-            raise SystemExit(f"benchmark: a process exited with {proc.returncode} before listening on {port}")
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-            return
-        except OSError:
-            time.sleep(0.05)
-    raise SystemExit(f"benchmark: nothing listening on {port}")
-
-
-@contextmanager
-def process(args: list[str], port: int, log: IO[bytes] | None = None) -> Iterator[subprocess.Popen[bytes]]:
-    """Start ``args`` and wait until ``port`` listens; stderr goes to ``log`` (a temporary file if none),
-    whose tail is shown if the process exits before listening."""
-    with ExitStack() as stack:
-        if log is None:
-            log = stack.enter_context(tempfile.TemporaryFile())
-        proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=log)
-        try:
-            try:
-                wait_for(port, proc)
-            except SystemExit as e:
-                raise SystemExit(f"{e}\n  command: {' '.join(args)}\n  stderr: {tail(log)}") from None
-            yield proc
-        finally:
-            proc.terminate()
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-
-
-def tail(log: IO[bytes], limit: int = 2000) -> str:
-    """The last ``limit`` bytes written to ``log``, as text."""
-    log.flush()
-    size = log.seek(0, os.SEEK_END)
-    log.seek(max(0, size - limit))
-    return log.read().decode(errors="replace").strip() or "(empty)"
+def process(args: list[str], port: int, log: IO[bytes] | None = None) -> AbstractContextManager[subprocess.Popen[bytes]]:
+    """A target or the model, started from the repository and stopped when the block ends."""
+    return started(args, port, "benchmark: a process", log=log, cwd=ROOT)
 
 
 NGINX_CONF = """

@@ -7,55 +7,19 @@ import json
 import random
 import shutil
 import signal
-import socket
-import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 
 from prometheus_client.parser import text_string_to_metric_families
 
 from metrics import definitions as d
+from proxy.processes import free_port, started, wait_for
 
 ROWS = [[5.1, 3.5, 1.4, 0.2], [6.7, 3.0, 5.2, 2.3], [5.9, 3.0, 4.2, 1.5]]
 CONCURRENCY = 8
 TIMEOUT_S = 0.5
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _wait_for(port: int, proc: subprocess.Popen[bytes], what: str) -> None:
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"demo: the {what} exited with code {proc.returncode}")
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-            return
-        except OSError:
-            time.sleep(0.05)
-    raise SystemExit(f"demo: the {what} did not start listening on port {port}")
-
-
-@contextmanager
-def _process(args: list[str], port: int, what: str) -> Iterator[subprocess.Popen[bytes]]:
-    proc = subprocess.Popen([sys.executable, *args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        _wait_for(port, proc, what)
-        yield proc
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(5)
-        except subprocess.TimeoutExpired:
-            proc.kill()
 
 
 def _request_mix(rng: random.Random) -> tuple[str, bytes, dict[str, str]]:
@@ -154,7 +118,7 @@ def _table(samples: dict[str, list[tuple[dict[str, str], float]]]) -> list[str]:
 
 def run(*, requests: int, keep_running: bool) -> int:
     tty = sys.stdout.isatty()
-    model_port, proxy_port, metrics_port = _free_port(), _free_port(), _free_port()
+    model_port, proxy_port, metrics_port = free_port(), free_port(), free_port()
     model_args = ["-m", "example_model", "--host", "127.0.0.1", "--port", str(model_port), "--test-knobs"]
     proxy_args = [
         "-m", "proxy", "serve", "--upstream", f"http://127.0.0.1:{model_port}", "--host", "127.0.0.1",
@@ -162,8 +126,9 @@ def run(*, requests: int, keep_running: bool) -> int:
         "--invocation-timeout", str(TIMEOUT_S), "--log-level", "error",
     ]
     print(f"Starting the example iris model on :{model_port} and the proxy on :{proxy_port} (metrics on :{metrics_port})")
-    with _process(model_args, model_port, "example model"), _process(proxy_args, metrics_port, "proxy") as proxy:
-        _wait_for(proxy_port, proxy, "proxy")
+    with started([sys.executable, *model_args], model_port, "demo: the example model"), \
+            started([sys.executable, *proxy_args], metrics_port, "demo: the proxy") as proxy:
+        wait_for(proxy_port, proxy, "demo: the proxy")
         rng = random.Random(7)
         mix = [_request_mix(rng) for _ in range(requests)]
         done = 0
