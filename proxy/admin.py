@@ -12,7 +12,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from proxy.http.client import UpstreamClient, ping
+from proxy.http.client import ModelClient, ping
 
 READY_TIMEOUT_S = 2.0  # SageMaker's ping timeout
 # A readiness answer is reused this long: probes from several places must not each ping the model.
@@ -21,7 +21,7 @@ READY_CACHE_S = 1.0
 
 def create_admin_app(
     registry: Callable[[], CollectorRegistry],
-    upstreams: Sequence[UpstreamClient] = (),
+    upstreams: Sequence[ModelClient] = (),
     *,
     ping_path: str | None = None,
 ) -> Starlette:

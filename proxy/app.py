@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from metrics.recorder import InvocationRecorder
 from proxy import runtime_api, sigv4
 from proxy.errors import Fault, UpstreamError, error_body
-from proxy.http.client import GATHER_BYTES, UpstreamClient, UpstreamResponse
+from proxy.http.client import GATHER_BYTES, ModelClient, ModelResponse
 from proxy.instances import InstanceCountSource
 from proxy.tokens import EVENT_STREAM, MAX_JSON_BODY, StreamTokens, json_usage
 from proxy.tracing import Tracing
@@ -164,7 +164,7 @@ class Variant:
     """A production variant: its model instances, its live count, its metrics, its share of the traffic."""
 
     name: str
-    upstream: UpstreamClient
+    client: ModelClient
     recorder: InvocationRecorder
     instances: InstanceCountSource
     weight: float = 1.0
@@ -393,13 +393,13 @@ class ProxyApp:
                 await self._refuse_variant(send, target_variant, endpoint)
                 return None
         assert variant is not None
-        if not variant.upstream.ready():
+        if not variant.client.ready():
             await self._refuse(send, Fault.NO_LIVE_INSTANCE, variant=variant)
             return None
         if self._max_concurrency and self._in_flight >= self._max_concurrency:
             await self._refuse(send, Fault.OVER_CAPACITY, variant=variant)
             return None
-        headers[0] = (b"host", variant.upstream.authority)
+        headers[0] = (b"host", variant.client.authority)
         query: bytes = scope.get("query_string", b"") if api is None else b""
         record.variant = variant
         record.endpoint = endpoint.name
@@ -421,7 +421,7 @@ class ProxyApp:
         if record.counted:
             record.instances = variant.instances.current()
             variant.recorder.invocation_started()
-        response: UpstreamResponse | None = None
+        response: ModelResponse | None = None
         tracing = self._tracing
         spans = None
         if tracing is not None:
@@ -432,7 +432,7 @@ class ProxyApp:
         try:
             record.t_send = clock()
             try:
-                response = await variant.upstream.request(request.method, request.target, request.headers, request.body)
+                response = await variant.client.request(request.method, request.target, request.headers, request.body)
             except UpstreamError as e:
                 record.t_done = clock()
                 record.fault = e.fault
@@ -498,7 +498,7 @@ class ProxyApp:
             if self._log_access:
                 self._access(scope, record)
 
-    async def _stream_back(self, response: UpstreamResponse, record: Invocation, send: Send, guard: _Guard) -> None:
+    async def _stream_back(self, response: ModelResponse, record: Invocation, send: Send, guard: _Guard) -> None:
         """The model's response to the client: whole if it is in already, else chunk by chunk as it comes.
 
         Time blocked in ``send()`` before the model's last byte is the client's, not the model's. A streamed

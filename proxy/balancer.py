@@ -1,6 +1,6 @@
 """Several model instances behind one proxy: active health checks, least-outstanding balancing.
 
-``BalancedUpstream`` is an ``UpstreamClient`` over one ``HttpUpstream`` per instance. Each instance
+``BalancedClient`` is an ``ModelClient`` over one ``ConnectionPool`` per instance. Each instance
 is pinged (``GET /ping``) on an interval; it leaves the rotation after ``unhealthy_threshold``
 failed checks, or at once when a request cannot connect to it, and comes back after
 ``healthy_threshold`` good ones. The number of healthy instances is the variant's live count.
@@ -14,7 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from proxy.errors import Fault, UpstreamError
-from proxy.http.client import IDLE_TIMEOUT_S, HttpUpstream, UpstreamResponse, ping
+from proxy.http.client import IDLE_TIMEOUT_S, ConnectionPool, ModelResponse, ping
 from proxy.types import Body, Headers
 
 log = logging.getLogger("proxy.balancer")
@@ -31,7 +31,7 @@ class HealthCheck:
 
 @dataclass
 class Instance:
-    upstream: HttpUpstream
+    pool: ConnectionPool
     healthy: bool = True
     outstanding: int = 0
     failures: int = 0
@@ -39,7 +39,7 @@ class Instance:
     served: int = field(default=0)
 
 
-class BalancedUpstream:
+class BalancedClient:
     """Requests go to the healthy instance with the fewest outstanding requests (ties rotate)."""
 
     def __init__(
@@ -47,8 +47,8 @@ class BalancedUpstream:
     ) -> None:
         if not urls:
             raise ValueError("at least one upstream is needed")
-        self.instances = [Instance(HttpUpstream(url, idle_timeout=idle_timeout)) for url in urls]
-        self.authority = self.instances[0].upstream.authority
+        self.instances = [Instance(ConnectionPool(url, idle_timeout=idle_timeout)) for url in urls]
+        self.authority = self.instances[0].pool.authority
         self._check = check
         self._next = 0
         self.on_change = on_change
@@ -71,16 +71,16 @@ class BalancedUpstream:
         self._next = (start + 1) % n
         return best
 
-    async def request(self, method: bytes, target: bytes, headers: Headers, body: Body) -> UpstreamResponse:
+    async def request(self, method: bytes, target: bytes, headers: Headers, body: Body) -> ModelResponse:
         instance = self._pick()
         if instance is None:
             raise UpstreamError(Fault.NO_LIVE_INSTANCE)
         if headers and headers[0][0] == b"host":
-            headers[0] = (b"host", instance.upstream.authority)
+            headers[0] = (b"host", instance.pool.authority)
         instance.outstanding += 1
         instance.served += 1
         try:
-            return await instance.upstream.request(method, target, headers, body)
+            return await instance.pool.request(method, target, headers, body)
         except UpstreamError as e:
             if e.fault is Fault.UPSTREAM_CONNECT:
                 # Passive check: a refused connection takes it out now; the active check brings it back.
@@ -95,12 +95,12 @@ class BalancedUpstream:
         instance.healthy = healthy
         instance.failures = instance.successes = 0
         n = self.healthy_count()
-        log.warning("model instance %s is %s (%s); %d healthy", instance.upstream.url, "back" if healthy else "out", why, n)
+        log.warning("model instance %s is %s (%s); %d healthy", instance.pool.url, "back" if healthy else "out", why, n)
         self.on_change(n)
 
     async def _watch(self, instance: Instance) -> None:
         while True:
-            why = await ping(instance.upstream, self._check.path, self._check.timeout_s)
+            why = await ping(instance.pool, self._check.path, self._check.timeout_s)
             if why is None:
                 instance.failures = 0
                 instance.successes += 1
@@ -119,13 +119,13 @@ class BalancedUpstream:
 
     async def close(self) -> None:
         for instance in self.instances:
-            await instance.upstream.close()
+            await instance.pool.close()
 
 
-class UpstreamsInstanceCount:
+class HealthyInstanceCount:
     """n = the healthy instances behind this proxy."""
 
-    def __init__(self, balancer: BalancedUpstream) -> None:
+    def __init__(self, balancer: BalancedClient) -> None:
         self._balancer = balancer
 
     def current(self) -> int:

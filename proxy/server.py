@@ -246,7 +246,7 @@ async def serve(settings: Settings, proxy_sock: socket.socket, admin_sock: socke
     registry = CollectorRegistry()
     background = _background(settings, registry, invocations=True, host=host)
     app, variants = _proxy_app(settings, registry, background.statistics)
-    admin = create_admin_app(lambda: registry, variants.upstreams(), ping_path=settings.ping_path)
+    admin = create_admin_app(lambda: registry, variants.clients(), ping_path=settings.ping_path)
     proxy_server = listener(app, settings, on_refused=_count_refusals(variants), name="proxy port")
     # On SIGTERM the proxy port drains first; the admin port answers until the last invocation is recorded.
     stop_on_signals(proxy_server)
@@ -408,7 +408,7 @@ async def _supervise(
     # /readyz: the supervisor's own clients, from the workers' builder, health loops running (a balanced client
     # without its loop would take an instance out for good at one refused ping of a model still starting).
     readiness = build_variants(settings, InvocationMetrics(CollectorRegistry()), {}, count=False)
-    admin_server = listener(create_admin_app(collect, readiness.upstreams(), ping_path=settings.ping_path), settings, name="admin port")
+    admin_server = listener(create_admin_app(collect, readiness.clients(), ping_path=settings.ping_path), settings, name="admin port")
     workers = _Workers(settings, proxy_sock, multiproc_dir)
     stop_on_signals(workers, admin_server)
     _log_start(settings)

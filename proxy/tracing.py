@@ -115,7 +115,7 @@ class Tracing:
                 "sagemaker.endpoint_name": "", "sagemaker.variant_name": variant.name,
             },
         )
-        authority = variant.upstream.authority.decode("latin-1")
+        authority = variant.client.authority.decode("latin-1")
         host, _, port = authority.rpartition(":")
         client_span = self.tracer.start_span(
             method, context=self._in_context(server), kind=self._client_kind,

@@ -11,9 +11,9 @@ from metrics.inflight import InFlight
 from metrics.recorder import InvocationMetrics, InvocationRecorder
 from metrics.statistics import PeriodStatistics
 from proxy.app import Variant
-from proxy.balancer import BalancedUpstream, HealthCheck, UpstreamsInstanceCount
+from proxy.balancer import BalancedClient, HealthCheck, HealthyInstanceCount
 from proxy.errors import REJECT_REASONS, UPSTREAM_ERROR_REASONS
-from proxy.http.client import HttpUpstream, UpstreamClient
+from proxy.http.client import ConnectionPool, ModelClient
 from proxy.instances import (
     DnsInstanceCount,
     FileInstanceCount,
@@ -31,12 +31,12 @@ class VariantSet:
     def __init__(self) -> None:
         self.variants: list[Variant] = []  # of every endpoint, in order
         self.endpoints: dict[str, list[Variant]] = {}  # each endpoint's, the first served on the native routes
-        self._clients: list[HttpUpstream | BalancedUpstream] = []
+        self._clients: list[ConnectionPool | BalancedClient] = []
         self._jobs: list[Callable[[], Coroutine[Any, Any, None]]] = []
         self._tasks: list[asyncio.Task[None]] = []
 
-    def upstreams(self) -> list[UpstreamClient]:
-        return [v.upstream for v in self.variants]
+    def clients(self) -> list[ModelClient]:
+        return [v.client for v in self.variants]
 
     async def __aenter__(self) -> VariantSet:
         """Starts the health loops of balanced clients and the polls of live counts."""
@@ -51,10 +51,10 @@ class VariantSet:
             await client.close()
 
 
-def upstream_client(settings: Settings, spec: VariantConfig) -> HttpUpstream | BalancedUpstream:
+def model_client(settings: Settings, spec: VariantConfig) -> ConnectionPool | BalancedClient:
     """One model: a plain client. Several, or a count of the healthy ones: health-checked and balanced."""
     if len(spec.upstreams) == 1 and (spec.count_from or settings.instance_count_from).kind != "upstreams":
-        return HttpUpstream(spec.upstreams[0], idle_timeout=settings.upstream_idle_timeout)
+        return ConnectionPool(spec.upstreams[0], idle_timeout=settings.upstream_idle_timeout)
     check = HealthCheck(
         path=settings.ping_path,
         interval_s=settings.health_check_interval,
@@ -62,15 +62,15 @@ def upstream_client(settings: Settings, spec: VariantConfig) -> HttpUpstream | B
         unhealthy_threshold=settings.unhealthy_threshold,
         healthy_threshold=settings.healthy_threshold,
     )
-    return BalancedUpstream(list(spec.upstreams), check, idle_timeout=settings.upstream_idle_timeout)
+    return BalancedClient(list(spec.upstreams), check, idle_timeout=settings.upstream_idle_timeout)
 
 
-def _count_source(settings: Settings, endpoint: str, spec: VariantConfig, client: HttpUpstream | BalancedUpstream) -> InstanceCountSource:
+def _count_source(settings: Settings, endpoint: str, spec: VariantConfig, client: ConnectionPool | BalancedClient) -> InstanceCountSource:
     source = spec.count_from or settings.instance_count_from
     kind, arg = source.kind, source.arg
     if kind == "upstreams":
-        assert isinstance(client, BalancedUpstream)
-        return UpstreamsInstanceCount(client)
+        assert isinstance(client, BalancedClient)
+        return HealthyInstanceCount(client)
     if kind == "sagemaker":
         return SageMakerInstanceCount(
             endpoint, spec.name,
@@ -113,11 +113,11 @@ def build_variants(
             statistics=statistics.get((endpoint, spec.name)),
             in_flight=in_flight(i),
         )
-        client = upstream_client(settings, spec)
+        client = model_client(settings, spec)
         source = _count_source(settings, endpoint, spec, client)
         recorder.live_instances(source.current())
-        if isinstance(client, BalancedUpstream):
-            if isinstance(source, UpstreamsInstanceCount):
+        if isinstance(client, BalancedClient):
+            if isinstance(source, HealthyInstanceCount):
                 client.on_change = _live_count_to(recorder)
             out._jobs.append(client.run)
         if count and isinstance(source, FileInstanceCount | DnsInstanceCount | SageMakerInstanceCount):

@@ -25,7 +25,7 @@ class Answer:
 
 
 class CountingModel:
-    """Implements what ping() uses of an UpstreamClient; answers 200 and counts the pings."""
+    """Implements what ping() uses of an ModelClient; answers 200 and counts the pings."""
 
     authority = b"model:8080"
 

@@ -28,7 +28,7 @@ class FakeClock:
 
 
 class FakeResponse:
-    """Implements what the request path uses of UpstreamResponse; each read() takes ``chunk_ns`` of model time."""
+    """Implements what the request path uses of ModelResponse; each read() takes ``chunk_ns`` of model time."""
 
     def __init__(self, clock: FakeClock, status: int, chunks: list[bytes], streamed: bool, chunk_ns: int) -> None:
         self.clock = clock

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from proxy.balancer import BalancedUpstream, HealthCheck, UpstreamsInstanceCount
+from proxy.balancer import BalancedClient, HealthCheck, HealthyInstanceCount
 from proxy.errors import Fault, UpstreamError
 from tests.conftest import Running, free_port, start
 
@@ -31,7 +31,7 @@ def models(tmp_path: Path) -> Iterator[list[Running]]:
         model.stop()
 
 
-async def invoke(balancer: BalancedUpstream) -> int:
+async def invoke(balancer: BalancedClient) -> int:
     headers = [(b"host", b"x"), (b"content-type", b"application/json")]
     response = await balancer.request(b"POST", b"/invocations", headers, BODY)
     try:
@@ -50,8 +50,8 @@ async def wait_until(condition: object, timeout: float = 5.0) -> None:
 
 def test_spread_health_and_live_count(models: list[Running], tmp_path: Path) -> None:
     changes: list[int] = []
-    balancer = BalancedUpstream([m.url for m in models], CHECK, on_change=changes.append)
-    count = UpstreamsInstanceCount(balancer)
+    balancer = BalancedClient([m.url for m in models], CHECK, on_change=changes.append)
+    count = HealthyInstanceCount(balancer)
 
     async def scenario() -> None:
         checks = asyncio.create_task(balancer.run())
@@ -92,7 +92,7 @@ def test_spread_health_and_live_count(models: list[Running], tmp_path: Path) -> 
 
 def test_a_refused_connection_takes_the_instance_out_at_once(models: list[Running]) -> None:
     # No active checks running: only the passive check can notice.
-    balancer = BalancedUpstream([m.url for m in models], CHECK)
+    balancer = BalancedClient([m.url for m in models], CHECK)
 
     async def scenario() -> None:
         models[0].stop()

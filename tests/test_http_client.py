@@ -18,7 +18,7 @@ import pytest
 import uvloop
 
 from proxy.errors import Fault, UpstreamError
-from proxy.http.client import HttpUpstream, UpstreamResponse
+from proxy.http.client import ConnectionPool, ModelResponse
 from tests.conftest import free_port
 
 Run = Callable[[Coroutine[Any, Any, None]], None]
@@ -128,12 +128,12 @@ class Server:
 
 
 @contextlib.asynccontextmanager
-async def serving(handler: Handler) -> AsyncIterator[tuple[Server, HttpUpstream]]:
+async def serving(handler: Handler) -> AsyncIterator[tuple[Server, ConnectionPool]]:
     """A scripted server and a client pointed at it; both torn down on exit."""
     server = Server(handler)
     listener = await asyncio.start_server(server.accept, "127.0.0.1", 0)
     port = listener.sockets[0].getsockname()[1]
-    upstream = HttpUpstream(f"http://127.0.0.1:{port}")
+    upstream = ConnectionPool(f"http://127.0.0.1:{port}")
     try:
         yield server, upstream
     finally:
@@ -157,14 +157,14 @@ def run(request: pytest.FixtureRequest) -> Run:
     return _run
 
 
-async def read_all(response: UpstreamResponse) -> bytes:
+async def read_all(response: ModelResponse) -> bytes:
     parts = []
     while chunk := await response.read():
         parts.append(chunk)
     return b"".join(parts)
 
 
-async def get(upstream: HttpUpstream, target: bytes = b"/") -> bytes:
+async def get(upstream: ConnectionPool, target: bytes = b"/") -> bytes:
     response = await upstream.request(b"GET", target, [], b"")
     assert response.status == 200
     body = await read_all(response)
@@ -672,7 +672,7 @@ def test_truncated_body_raises_reset(run: Run, reply: tuple[bytes, bytes]) -> No
 
 def test_connection_refused(run: Run) -> None:
     async def scenario() -> None:
-        upstream = HttpUpstream(f"http://127.0.0.1:{free_port()}")  # nothing listens there
+        upstream = ConnectionPool(f"http://127.0.0.1:{free_port()}")  # nothing listens there
         fault = await upstream_error(upstream.request(b"GET", b"/ping", [], b""))
         assert fault is Fault.UPSTREAM_CONNECT
         await upstream.close()

@@ -35,7 +35,7 @@ IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE", b"TRACE"
 NO_BODY_STATUSES = frozenset({204, 304})
 
 
-class UpstreamClient(Protocol):
+class ModelClient(Protocol):
     """What the request path needs from a model client; swap implementations behind this."""
 
     authority: bytes
@@ -44,12 +44,12 @@ class UpstreamClient(Protocol):
         """False when no model instance can take a request (nothing is sent then: a 503, not an invocation)."""
         ...
 
-    async def request(self, method: bytes, target: bytes, headers: Headers, body: Body) -> UpstreamResponse: ...
+    async def request(self, method: bytes, target: bytes, headers: Headers, body: Body) -> ModelResponse: ...
 
     async def close(self) -> None: ...
 
 
-class UpstreamResponse:
+class ModelResponse:
     """A response being received: status and headers once the head is in, then body chunks.
 
     The httptools parser calls the ``on_*`` methods directly.
@@ -231,11 +231,11 @@ class _OutOfStep(Exception):
 class _Connection(asyncio.Protocol):
     __slots__ = ("_paused", "closed", "idle_since", "parser", "pool", "response", "reused", "transport")
 
-    def __init__(self, pool: HttpUpstream) -> None:
+    def __init__(self, pool: ConnectionPool) -> None:
         self.pool = pool
         self.transport: asyncio.Transport | None = None
         self.parser: httptools.HttpResponseParser | None = None
-        self.response: UpstreamResponse | None = None
+        self.response: ModelResponse | None = None
         self.closed = False
         self.reused = False
         self.idle_since = 0.0
@@ -244,8 +244,8 @@ class _Connection(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]  # uvloop's transports are not asyncio.Transport
 
-    def send(self, head: bytes, body: Body, head_only: bool) -> UpstreamResponse:
-        response = UpstreamResponse(self, self.pool.loop, head_only)
+    def send(self, head: bytes, body: Body, head_only: bool) -> ModelResponse:
+        response = ModelResponse(self, self.pool.loop, head_only)
         self.response = response
         # A fresh parser per message: a HEAD response's parser state must not leak into the next one.
         self.parser = httptools.HttpResponseParser(response)
@@ -315,7 +315,7 @@ class _Connection(asyncio.Protocol):
             self.transport.abort()
 
 
-class HttpUpstream:
+class ConnectionPool:
     """A pool of keep-alive HTTP/1.1 connections to one model server (``http://host:port``)."""
 
     def __init__(self, url: str, *, idle_timeout: float = IDLE_TIMEOUT_S, loop: asyncio.AbstractEventLoop | None = None) -> None:
@@ -371,7 +371,7 @@ class HttpUpstream:
             raise UpstreamError(Fault.UPSTREAM_CONNECT, f"could not connect to the model at {self.url}: {e.strerror or e}") from None
         return conn
 
-    async def request(self, method: bytes, target: bytes, headers: Headers, body: Body) -> UpstreamResponse:
+    async def request(self, method: bytes, target: bytes, headers: Headers, body: Body) -> ModelResponse:
         """Send one request and wait for the response head. Body chunks follow through ``read()``."""
         lines = [b"%s %s HTTP/1.1\r\n" % (method, target)]
         for name, value in headers:
@@ -410,7 +410,7 @@ class HttpUpstream:
             conn.abort()
 
 
-async def ping(upstream: UpstreamClient, path: str, timeout_s: float) -> str | None:
+async def ping(upstream: ModelClient, path: str, timeout_s: float) -> str | None:
     """None if the model answers ``GET path`` with 200 within ``timeout_s``, else why not, in one line."""
     try:
         async with asyncio.timeout(timeout_s):
