@@ -385,6 +385,10 @@ class ProxyApp:
             assert api is not None and self._auth is not None
             try:
                 sigv4.verify(method, scope.get("raw_path") or scope["path"].encode(), scope.get("query_string", b""), scope["headers"], body, self._auth)
+                signed = sigv4.signed_headers(scope["headers"])
+                if target_variant is not None and TARGET_VARIANT_HEADER not in signed:
+                    raise sigv4.AuthError("InvalidSignatureException", "X-Amzn-SageMaker-Target-Variant must be signed.")
+                headers = [headers[0], *runtime_api.request_headers(scope["headers"], api.streaming, signed)]
             except sigv4.AuthError as e:
                 (variant or endpoint.default).recorder.rejected(Fault.AUTH_FAILED.reason)
                 await api.auth_error(e.code, e.message)

@@ -64,12 +64,16 @@ def target(path: str) -> Target | None:
     return None
 
 
-def request_headers(incoming: Headers, streaming: bool) -> Headers:
+def request_headers(incoming: Headers, streaming: bool, signed: frozenset[bytes] | None = None) -> Headers:
     """The headers the model gets: Content-Type, Accept (for a stream, from X-Amzn-SageMaker-Accept) and the
-    SageMaker headers a container sees; Host and Content-Length are the client's concern, set on the way."""
+    SageMaker headers a container sees; Host and Content-Length are set on the way. With SigV4 on, ``signed``:
+    only the headers the signature covers; never one the client's Connection header names (hop-by-hop)."""
     out: Headers = []
     accept_header = b"x-amzn-sagemaker-accept" if streaming else b"accept"
+    hop = {t.strip().lower() for n, v in incoming if n == b"connection" for t in v.split(b",")}
     for name, value in incoming:
+        if name in hop or (signed is not None and name not in signed):
+            continue
         if name == b"content-type" or name in CONTAINER_HEADERS:
             out.append((name, value))
         elif name == accept_header:

@@ -80,6 +80,22 @@ def _payload_hash(body: Body) -> str:
     return digest.hexdigest()
 
 
+def _trimmed(value: bytes) -> str:
+    """A header value as SigV4 canonicalizes it: trimmed, runs of spaces made one (spaces only)."""
+    return " ".join(part for part in value.decode("latin-1").strip(" \t").split(" ") if part)
+
+
+def signed_headers(headers: Headers) -> frozenset[bytes]:
+    """The header names a request's Authorization says it signed (lowercase)."""
+    for name, value in headers:
+        if name.lower() == b"authorization":
+            for part in value.split(b","):
+                key, _, names = part.strip().partition(b"=")
+                if key == b"SignedHeaders":
+                    return frozenset(names.lower().split(b";"))
+    return frozenset()
+
+
 def verify(
     method: str, raw_path: bytes, query: bytes, headers: Headers, body: Body, credentials: CredentialsFile, now: float | None = None
 ) -> None:
@@ -110,16 +126,16 @@ def verify(
         raise AuthError("IncompleteSignatureException", "X-Amz-Date is missing or not in the form YYYYMMDDTHHMMSSZ.") from None
     if abs((time.time() if now is None else now) - signed_at) > MAX_SKEW_S or amz_date[:8] != date:
         raise AuthError("InvalidSignatureException", f"Signature expired: {amz_date} is more than 5 minutes from now, or not of the credential's date.")
+    if len(signature) != 64 or any(c not in "0123456789abcdef" for c in signature):
+        raise AuthError("InvalidSignatureException", "The signature must be 64 lowercase hexadecimal digits.")
     payload = _payload_hash(body)
     declared = values.get(b"x-amz-content-sha256", [b""])[0].decode("latin-1")
-    if declared and declared != "UNSIGNED-PAYLOAD" and declared != payload:
+    if declared and declared != payload:  # UNSIGNED-PAYLOAD included: the body must be covered
         raise AuthError("InvalidSignatureException", "The payload's hash does not match X-Amz-Content-SHA256.")
     names = signed.split(";")
     if "host" not in names or any(n.encode() not in values for n in names):
         raise AuthError("InvalidSignatureException", "SignedHeaders must include host and name only headers that were sent.")
-    canonical_headers = "".join(
-        f"{n}:{','.join(' '.join(v.decode('latin-1').split()) for v in values[n.encode()])}\n" for n in names
-    )
+    canonical_headers = "".join(f"{n}:{','.join(_trimmed(v) for v in values[n.encode()])}\n" for n in names)
     pairs = sorted((quote(k, safe="-_.~"), quote(v, safe="-_.~")) for k, v in parse_qsl(query.decode("latin-1"), keep_blank_values=True))
     canonical = "\n".join((
         method,
@@ -127,7 +143,7 @@ def verify(
         "&".join(f"{k}={v}" for k, v in pairs),
         canonical_headers,
         signed,
-        declared if declared == "UNSIGNED-PAYLOAD" else payload,
+        payload,
     ))
     scope = f"{date}/{region}/{service}/aws4_request"
     to_sign = f"{ALGORITHM}\n{amz_date}\n{scope}\n{hashlib.sha256(canonical.encode()).hexdigest()}"

@@ -293,6 +293,44 @@ def test_sigv4_stale_date_tampered_body_and_a_rotated_key(model: Running, start_
     assert proxy.value("sagemaker_proxy_rejected_requests_total", reason="auth_failed") >= 3
 
 
+def test_sigv4_covers_what_reaches_the_model(model: Running, start_proxy: Callable[..., Proxy], keys: Path) -> None:
+    """Only what the signature covers goes to the model: an unsigned header added to a signed request is not
+    passed; an unsigned payload, a changed header value (even by a non-breaking space), a signature that is
+    not hex are refused with 403, never a 500."""
+    from botocore.auth import SigV4Auth
+    from botocore.awsrequest import AWSRequest
+    from botocore.credentials import Credentials
+
+    proxy = start_proxy(model.url, "--auth", "sigv4", "--auth-credentials", str(keys))
+    url = f"{proxy.url}/endpoints/{ENDPOINT}/invocations"
+
+    def signed(headers: dict[str, str], unsigned_payload: bool = False) -> dict[str, str]:
+        if unsigned_payload:
+            headers = {**headers, "X-Amz-Content-SHA256": "UNSIGNED-PAYLOAD"}
+        request = AWSRequest(method="POST", url=url, data=BODY, headers=headers)
+        SigV4Auth(Credentials("AKIDEXAMPLE", "secret"), "sagemaker", "us-east-1").add_auth(request)
+        return dict(request.headers.items())
+
+    good = signed({"Content-Type": "application/json", "X-Amzn-SageMaker-Custom-Attributes": "a b"})
+    injected = httpx.post(url, content=BODY, headers={**good, "X-Amzn-SageMaker-Inference-Id": "injected"})
+    assert injected.status_code == 200
+    seen = {n.lower(): v for n, v in received(model)[-1]["headers"]}
+    assert "x-amzn-sagemaker-inference-id" not in seen and seen["x-amzn-sagemaker-custom-attributes"] == "a b"
+    raw = [(k.encode(), v.encode()) for k, v in good.items() if k != "X-Amzn-SageMaker-Custom-Attributes"]
+    changed = httpx.post(url, content=BODY, headers=[*raw, (b"X-Amzn-SageMaker-Custom-Attributes", b"a\xa0b")])
+    assert changed.status_code == 403
+    unsigned_variant = httpx.post(url, content=BODY, headers={**good, "X-Amzn-SageMaker-Target-Variant": "AllTraffic"})
+    assert unsigned_variant.status_code == 403
+    payload = signed({"Content-Type": "application/json"}, unsigned_payload=True)
+    assert httpx.post(url, content=b"SWAPPED", headers={**payload, "Content-Length": "7"}).status_code == 403
+    not_hex = [(k.encode(), v.encode()) for k, v in good.items() if k != "Authorization"]
+    not_hex.append((b"Authorization", good["Authorization"].rsplit("=", 1)[0].encode() + b"=" + b"\xe9" * 64))
+    answer = httpx.post(url, content=BODY, headers=not_hex)
+    assert answer.status_code == 403 and answer.headers["x-amzn-errortype"] == "InvalidSignatureException"
+    assert len(received(model)) == 1
+    assert proxy.value("sagemaker_proxy_rejected_requests_total", reason="auth_failed") == 4
+
+
 def test_sigv4_needs_a_readable_credentials_file(tmp_path: Path) -> None:
     from tests.test_settings import run_cli
 

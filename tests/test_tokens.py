@@ -72,3 +72,28 @@ def test_json_usage() -> None:
     assert json_usage(b"text/plain", body) is None
     assert json_usage(b"application/json", b'{"predictions": [1]}') is None
     assert json_usage(b"application/json", b'{"usage": 1') is None
+
+
+def test_what_a_broken_or_hostile_model_sends_counts_nothing_and_holds_nothing() -> None:
+    deep = b"data: " + b'{"a":' * 100_000 + b"1" + b"}" * 100_000 + b"\n\n"
+    tokens = StreamTokens()
+    tokens.feed(deep, now=1)  # nested past Python's recursion limit: not counted, no exception
+    tokens.finish(now=2)
+    assert tokens.output_tokens == 0
+    assert json_usage(b"application/json", b'{"usage": ' + b"[" * 100_000 + b"]" * 100_000 + b"}") is None
+    many = StreamTokens()
+    for _ in range(2000):
+        many.feed(b"data: " + b"x" * 1000 + b"\n", now=1)  # data lines and never the blank line that ends the event
+    assert many.gave_up and not many._data  # bounded, not 2 MB held
+    long = StreamTokens()
+    for _ in range(20_000):
+        long.feed(b"y" * 100, now=1)  # a 2 MB line in small pieces
+    assert long.gave_up and not long._partial
+
+
+@pytest.mark.parametrize("count", [-5, True, 10**400, 1.5, "7"])
+def test_usage_counts_that_are_not_token_counts_are_ignored(count: object) -> None:
+    tokens = StreamTokens()
+    tokens.feed(chat("a") + b'data: {"choices": [], "usage": {"prompt_tokens": ' + json.dumps(count).encode() + b', "completion_tokens": ' + json.dumps(count).encode() + b"}}\n\n", now=1)
+    tokens.finish(now=2)
+    assert (tokens.input_tokens, tokens.output_tokens) == (0, 1)  # the event count stands
