@@ -198,7 +198,8 @@ class Invocation:
     output_tokens: int = 0
     time_per_output_token_ns: float | None = None
     endpoint: str = ""  # the endpoint's name
-    trace_id: str | None = None  # with tracing on (proxy.tracing)
+    trace_id: str | None = None  # with tracing on (proxy.tracing): the trace, and the proxy's SERVER span in it
+    span_id: str | None = None
 
     # What the recorder reads (metrics.recorder.Outcome).
     @property
@@ -382,17 +383,11 @@ class ProxyApp:
             await self._refuse(send, body, variant=variant or endpoint.default)
             return None
         if authenticate:
-            assert api is not None and self._auth is not None
-            try:
-                sigv4.verify(method, scope.get("raw_path") or scope["path"].encode(), scope.get("query_string", b""), scope["headers"], body, self._auth)
-                signed = sigv4.signed_headers(scope["headers"])
-                if target_variant is not None and TARGET_VARIANT_HEADER not in signed:
-                    raise sigv4.AuthError("InvalidSignatureException", "X-Amzn-SageMaker-Target-Variant must be signed.")
-                headers = [headers[0], *runtime_api.request_headers(scope["headers"], api.streaming, signed)]
-            except sigv4.AuthError as e:
-                (variant or endpoint.default).recorder.rejected(Fault.AUTH_FAILED.reason)
-                await api.auth_error(e.code, e.message)
+            assert api is not None
+            signed = await self._authenticated(scope, api, body, target_variant is not None, variant or endpoint.default)
+            if signed is None:
                 return None
+            headers = [headers[0], *signed]
             if variant is None:
                 await self._refuse_variant(send, target_variant, endpoint)
                 return None
@@ -431,7 +426,8 @@ class ProxyApp:
         if tracing is not None:
             offset = tracing.wall_offset(clock())
             spans = tracing.begin(scope, record, variant, request.headers, record.t_in + offset)
-            record.trace_id = format(spans[0].get_span_context().trace_id, "032x")
+            context = spans[0].get_span_context()
+            record.trace_id, record.span_id = format(context.trace_id, "032x"), format(context.span_id, "016x")
         self._in_flight += 1
         try:
             record.t_send = clock()
@@ -446,7 +442,7 @@ class ProxyApp:
                     self._unreachable.add(variant.name)
                     log.warning(
                         "the model of variant %s is unreachable (%s): each call gets 502 until it answers; said once, and again when it is back%s",
-                        variant.name, e, f" (trace_id={record.trace_id})" if record.trace_id is not None else "",
+                        variant.name, e, f" (trace_id={record.trace_id} span_id={record.span_id})" if record.trace_id is not None else "",
                     )
                 await self._refuse(send, e.fault, None, _server_timing(record.t_done - record.t_send, record.t_send - record.t_in), variant)
                 return
@@ -593,7 +589,7 @@ class ProxyApp:
             client[0] if client else "-", scope["method"], scope["path"], status, record.response_bytes,
             model_ms, total_ms - model_ms if record.t_done else float("nan"), variant,
             f" error={fault.reason}" if fault is not None else "",
-            f" trace_id={record.trace_id}" if record.trace_id is not None else "",
+            f" trace_id={record.trace_id} span_id={record.span_id}" if record.trace_id is not None else "",
         )
 
     @staticmethod
@@ -675,6 +671,24 @@ class ProxyApp:
                 return Fault.PAYLOAD_TOO_LARGE
             chunks.append(chunk)
         return chunks if size >= GATHER_BYTES else b"".join(chunks)
+
+    async def _authenticated(
+        self, scope: Scope, api: runtime_api.RuntimeSend, body: Body, targets_variant: bool, counted_on: Variant
+    ) -> Headers | None:
+        """With SigV4 on, a Runtime API call's headers for the model (only those its signature covers), or None
+        once it was refused: answered with the error botocore expects and counted."""
+        assert self._auth is not None
+        headers: Headers = scope["headers"]
+        try:
+            sigv4.verify(scope["method"], scope.get("raw_path") or scope["path"].encode(), scope.get("query_string", b""), headers, body, self._auth)
+            signed = sigv4.signed_headers(headers)
+            if targets_variant and TARGET_VARIANT_HEADER not in signed:
+                raise sigv4.AuthError("InvalidSignatureException", "X-Amzn-SageMaker-Target-Variant must be signed.")
+        except sigv4.AuthError as e:
+            counted_on.recorder.rejected(Fault.AUTH_FAILED.reason)
+            await api.auth_error(e.code, e.message)
+            return None
+        return runtime_api.request_headers(headers, api.streaming, signed)
 
     async def _refuse_variant(self, send: Send, asked_for: bytes | None, endpoint: _Endpoint) -> None:
         asked = (asked_for or b"").decode("latin-1")[:80]

@@ -10,6 +10,7 @@ A response that is not an event stream costs nothing: no counter is made for it.
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
 EVENT_STREAM = b"text/event-stream"
@@ -18,16 +19,25 @@ MAX_TOKENS = 10**9  # a usage count above this (or below 0) is not believed
 MAX_JSON_BODY = 1 << 20  # the largest non-streamed JSON body read for its usage
 
 
-class StreamTokens:
-    """Counts the tokens of one event stream, fed each chunk with the time it arrived (monotonic ns)."""
+# A choice that carries output: non-empty text in a chat delta (content, reasoning) or a completion, or a tool call.
+# Matched in the raw bytes, in C: a JSON string's own quotes are escaped, so text inside content cannot match.
+CONTENT = re.compile(rb'"(?:content|text|reasoning_content)"[ \t]*:[ \t]*"[^"]|"tool_calls"[ \t]*:[ \t]*\[[ \t]*\{')
+USAGE = re.compile(rb'"usage"[ \t]*:[ \t]*\{')  # a usage object, not the null OpenAI sends in every other chunk
+EVENT_END = re.compile(rb"\r?\n\r?\n")
 
-    __slots__ = ("_data", "_data_size", "_partial", "_partial_size", "content_events", "gave_up", "input_tokens", "t_first", "t_last", "usage_output")
+
+class StreamTokens:
+    """Counts the tokens of one event stream, fed each chunk with the time it arrived (monotonic ns).
+
+    Each chunk is scanned once, in C (a regular expression), up to its last complete event; only an event
+    that carries a usage object (one per stream) is decoded as JSON. What follows the last complete event
+    is kept, bounded, until its end arrives."""
+
+    __slots__ = ("_partial", "_partial_size", "content_events", "gave_up", "input_tokens", "t_first", "t_last", "usage_output")
 
     def __init__(self) -> None:
-        self._partial: list[bytes] = []  # the pieces of the unfinished line: joined once, when it ends
+        self._partial: list[bytes] = []  # the unfinished event, in the pieces it came in
         self._partial_size = 0
-        self._data: list[bytes] = []  # the data lines of the event being read
-        self._data_size = 0
         self.content_events = 0
         self.input_tokens = 0
         self.usage_output: int | None = None  # completion_tokens from a usage object, when one came
@@ -46,86 +56,68 @@ class StreamTokens:
             return None
         return (self.t_last - self.t_first) / (tokens - 1)
 
-    def _give_up(self) -> None:
-        self.gave_up = True
-        self._partial, self._data = [], []
-
     def feed(self, chunk: bytes, now: int) -> None:
         if self.gave_up:
             return
-        if b"\n" not in chunk:
+        end = chunk.rfind(b"\n\n") + 2
+        if b"\r" in chunk:
+            end = max(end, chunk.rfind(b"\n\r\n") + 3)
+        if end < 3:  # no event ends in this chunk (2: not found)
             self._partial.append(chunk)
             self._partial_size += len(chunk)
             if self._partial_size > MAX_LINE:
                 self._give_up()
             return
+        if end == len(chunk) and not self._partial:
+            self._scan(chunk, now)  # the usual case: whole events
+            return
+        complete = chunk[:end]
         if self._partial:
-            chunk = b"".join(self._partial) + chunk
-            self._partial, self._partial_size = [], 0
-        lines = chunk.split(b"\n")
-        rest = lines.pop()
-        if rest:
-            self._partial, self._partial_size = [rest], len(rest)
-            if len(rest) > MAX_LINE:
-                self._give_up()
-                return
-        for line in lines:
-            if line.endswith(b"\r"):
-                line = line[:-1]
-            if not line:
-                self._dispatch(now)
-            elif line.startswith(b"data:"):
-                piece = line[6:] if line[5:6] == b" " else line[5:]
-                self._data.append(piece)
-                self._data_size += len(piece)
-                if self._data_size > MAX_LINE:
-                    self._give_up()
-                    return
-            # event:, id:, retry: and comments (":") carry no tokens
+            complete = b"".join(self._partial) + complete
+        rest = chunk[end:]
+        self._partial, self._partial_size = ([rest], len(rest)) if rest else ([], 0)
+        self._scan(complete, now)
 
     def finish(self, now: int) -> None:
         """The stream ended: an event without its blank line still counts."""
         if self._partial and not self.gave_up:
-            self.feed(b"\n", now)
-        if self.gave_up:
-            return
-        self._dispatch(now)
+            self._scan(b"".join(self._partial), now)
+        self._partial, self._partial_size = [], 0
 
-    def _dispatch(self, now: int) -> None:
-        if not self._data:
-            return
-        payload = self._data[0] if len(self._data) == 1 else b"\n".join(self._data)
-        self._data, self._data_size = [], 0
-        if payload[:1] != b"{":
-            return  # [DONE], or not JSON
+    def _give_up(self) -> None:
+        self.gave_up = True
+        self._partial, self._partial_size = [], 0
+
+    def _scan(self, events: bytes, now: int) -> None:
+        # The common form first, two substring counts (vLLM, TGI, OpenAI send compact JSON); else every form.
+        found = events.count(b'"content":"')
+        if found:
+            found -= events.count(b'"content":""')
+        if found <= 0 and (b'"text"' in events or b'"tool_calls"' in events or b'content"' in events):
+            found = len(CONTENT.findall(events))
+        if found:
+            self.content_events += found
+            if not self.t_first:
+                self.t_first = now
+            self.t_last = now
+        if b'"usage"' in events and USAGE.search(events) is not None:
+            for event in EVENT_END.split(events):
+                if USAGE.search(event) is not None:
+                    self._usage_event(event)
+
+    def _usage_event(self, event: bytes) -> None:
+        data = [line[6:] if line[5:6] == b" " else line[5:] for line in event.splitlines() if line.startswith(b"data:")]
         try:
-            event = json.loads(payload)
+            document = json.loads(b"\n".join(data))
         except (ValueError, RecursionError):  # not JSON, or nested past Python's limit
             return
-        if not isinstance(event, dict):
-            return
-        usage = event.get("usage")
+        usage = document.get("usage") if isinstance(document, dict) else None
         if isinstance(usage, dict):
             prompt, completion = _usage(usage)
             if prompt is not None:
                 self.input_tokens = prompt
             if completion is not None:
                 self.usage_output = completion
-        choices = event.get("choices")
-        if isinstance(choices, list) and any(_has_content(c) for c in choices):
-            self.content_events += 1
-            if not self.t_first:
-                self.t_first = now
-            self.t_last = now
-
-
-def _has_content(choice: Any) -> bool:
-    if not isinstance(choice, dict):
-        return False
-    delta = choice.get("delta")
-    if isinstance(delta, dict) and (delta.get("content") or delta.get("reasoning_content") or delta.get("tool_calls")):
-        return True
-    return bool(choice.get("text"))
 
 
 def _usage(usage: dict[str, Any]) -> tuple[int | None, int | None]:

@@ -84,7 +84,7 @@ def test_what_a_broken_or_hostile_model_sends_counts_nothing_and_holds_nothing()
     many = StreamTokens()
     for _ in range(2000):
         many.feed(b"data: " + b"x" * 1000 + b"\n", now=1)  # data lines and never the blank line that ends the event
-    assert many.gave_up and not many._data  # bounded, not 2 MB held
+    assert many.gave_up and not many._partial  # bounded, not 2 MB held
     long = StreamTokens()
     for _ in range(20_000):
         long.feed(b"y" * 100, now=1)  # a 2 MB line in small pieces

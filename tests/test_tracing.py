@@ -95,7 +95,7 @@ def test_the_proxy_is_a_hop_between_the_client_and_the_model(
     recording: Running, collector: Collector, fast_export: None, start_proxy: Callable[..., Proxy]
 ) -> None:
     httpx.post(f"{recording.url}/__reset")
-    proxy = start_proxy(recording.url, "--otel", collector.url)
+    proxy = start_proxy(recording.url, "--otel", collector.url, "--access-log")
     traceparent = f"00-{CLIENT_TRACE}-{CLIENT_SPAN}-01"
     r = httpx.post(f"{proxy.url}/invocations", content=b'{"x": 1}', headers={"traceparent": traceparent, "tracestate": "vendor=1", "baggage": "user=7"})
     assert r.status_code == 200
@@ -127,6 +127,8 @@ def test_the_proxy_is_a_hop_between_the_client_and_the_model(
     text = httpx.get(f"{proxy.metrics_url}/metrics", headers={"Accept": "application/openmetrics-text"}).text
     assert f'# {{trace_id="{CLIENT_TRACE}"}}' in text
     assert proxy.samples()[("sagemaker_proxy_trace_spans_exported_total", frozenset())] >= 4
+    # The access log line of the traced call names its trace and the SERVER span.
+    assert f"trace_id={CLIENT_TRACE} span_id={bytes(server.span_id).hex()}" in proxy.log.read_text()
 
 
 def test_a_collector_that_is_down_delays_nothing_and_its_drops_are_counted(
