@@ -553,7 +553,7 @@ def chart(report: dict[str, object], path: Path) -> None:
         return
     rows = report["scenarios"]
     assert isinstance(rows, list)
-    labels = [r["scenario"].replace(", ", "\n") for r in rows]
+    labels = [r["scenario"].replace(", ", "\n").replace(" (", "\n(") for r in rows]
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(12, 8))
     width = 0.2
     xs = range(len(rows))
