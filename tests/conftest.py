@@ -133,6 +133,16 @@ def faulty_model(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Running]:
     running.stop()
 
 
+@pytest.fixture(scope="module")
+def recording_model(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Running]:
+    """tests/recording_model.py: a model that records every request it receives (``GET /__received``)."""
+    port = free_port()
+    log = tmp_path_factory.mktemp("recording") / "recording_model.log"
+    running = start([str(ROOT / "tests" / "recording_model.py"), "--port", str(port)], port, log)
+    yield running
+    running.stop()
+
+
 @pytest.fixture
 def start_proxy(tmp_path: Path) -> Iterator[Callable[..., Proxy]]:
     """Start the real proxy as a process: ``start_proxy(upstream_url or None, "--flag", "value", ...)``."""

@@ -24,7 +24,7 @@ import httpx
 import pytest
 
 from proxy.errors import REJECT_REASONS
-from tests.conftest import ROOT, Proxy, Running, free_port, start
+from tests.conftest import Proxy, Running
 from tests.rawhttp import CLIENTS as _CLIENTS
 from tests.rawhttp import Client, Response, get, post
 
@@ -87,15 +87,6 @@ class Model:
             Seen(r["method"], r["target"], r["version"], tuple((n, v) for n, v in r["headers"]), r["body"].encode("latin-1"))
             for r in httpx.get(f"{self.url}/__received").json()
         ]
-
-
-@pytest.fixture(scope="module")
-def recording_model(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Running]:
-    port = free_port()
-    log = tmp_path_factory.mktemp("recording") / "recording_model.log"
-    running = start([str(ROOT / "tests" / "recording_model.py"), "--port", str(port)], port, log)
-    yield running
-    running.stop()
 
 
 @pytest.fixture

@@ -12,7 +12,7 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +23,7 @@ from botocore.config import Config
 from botocore.eventstream import EventStreamBuffer
 from botocore.exceptions import ClientError, EventStreamError
 
-from tests.conftest import ROOT, Proxy, Running, free_port, start
+from tests.conftest import Proxy, Running, free_port
 
 pytestmark = pytest.mark.e2e
 
@@ -32,19 +32,10 @@ BODY = b'{"instances": [[5.1, 3.5, 1.4, 0.2]]}'
 CREDENTIALS = {"aws_access_key_id": "AKIDEXAMPLE", "aws_secret_access_key": "secret", "region_name": "us-east-1"}
 
 
-@pytest.fixture(scope="module")
-def recording(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Running]:
-    port = free_port()
-    log = tmp_path_factory.mktemp("recording") / "recording_model.log"
-    running = start([str(ROOT / "tests" / "recording_model.py"), "--port", str(port)], port, log)
-    yield running
-    running.stop()
-
-
 @pytest.fixture
-def model(recording: Running) -> Running:
-    assert httpx.post(f"{recording.url}/__reset").status_code == 200
-    return recording
+def model(recording_model: Running) -> Running:
+    assert httpx.post(f"{recording_model.url}/__reset").status_code == 200
+    return recording_model
 
 
 def received(model: Running) -> list[dict[str, Any]]:

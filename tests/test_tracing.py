@@ -15,7 +15,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.conftest import ROOT, Proxy, Running, free_port, start
+from tests.conftest import Proxy, Running, free_port
 
 pytestmark = pytest.mark.e2e
 
@@ -69,14 +69,6 @@ def collector() -> Iterator[Collector]:
     c.server.shutdown()
 
 
-@pytest.fixture(scope="module")
-def recording(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Running]:
-    port = free_port()
-    running = start([str(ROOT / "tests" / "recording_model.py"), "--port", str(port)], port, tmp_path_factory.mktemp("rec") / "model.log")
-    yield running
-    running.stop()
-
-
 @pytest.fixture
 def fast_export(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("OTEL_BSP_SCHEDULE_DELAY", "50")
@@ -92,10 +84,10 @@ def attributes(span: Any) -> dict[str, Any]:
 
 
 def test_the_proxy_is_a_hop_between_the_client_and_the_model(
-    recording: Running, collector: Collector, fast_export: None, start_proxy: Callable[..., Proxy]
+    recording_model: Running, collector: Collector, fast_export: None, start_proxy: Callable[..., Proxy]
 ) -> None:
-    httpx.post(f"{recording.url}/__reset")
-    proxy = start_proxy(recording.url, "--otel", collector.url, "--access-log")
+    httpx.post(f"{recording_model.url}/__reset")
+    proxy = start_proxy(recording_model.url, "--otel", collector.url, "--access-log")
     traceparent = f"00-{CLIENT_TRACE}-{CLIENT_SPAN}-01"
     r = httpx.post(f"{proxy.url}/invocations", content=b'{"x": 1}', headers={"traceparent": traceparent, "tracestate": "vendor=1", "baggage": "user=7"})
     assert r.status_code == 200
@@ -113,9 +105,9 @@ def test_the_proxy_is_a_hop_between_the_client_and_the_model(
     assert got["sagemaker.endpoint_name"] == "test-endpoint" and got["sagemaker.variant_name"] == "AllTraffic"
     assert got["sagemaker.model_latency_us"] > 0 and "sagemaker.overhead_latency_us" in got
     assert got["http.request.body.size"] == 8
-    assert attributes(client)["server.port"] == int(recording.url.rsplit(":", 1)[1])
+    assert attributes(client)["server.port"] == int(recording_model.url.rsplit(":", 1)[1])
     # The model got the CLIENT span's context, not the client's, and the client's tracestate and baggage.
-    seen = {n.lower(): v for n, v in httpx.get(f"{recording.url}/__received").json()[0]["headers"]}
+    seen = {n.lower(): v for n, v in httpx.get(f"{recording_model.url}/__received").json()[0]["headers"]}
     assert seen["traceparent"] == f"00-{CLIENT_TRACE}-{bytes(client.span_id).hex()}-01"
     assert seen["tracestate"] == "vendor=1" and seen["baggage"] == "user=7"
     # A model error is an error on both spans; a new trace where the client sent none.
@@ -132,11 +124,11 @@ def test_the_proxy_is_a_hop_between_the_client_and_the_model(
 
 
 def test_a_collector_that_is_down_delays_nothing_and_its_drops_are_counted(
-    recording: Running, fast_export: None, monkeypatch: pytest.MonkeyPatch, start_proxy: Callable[..., Proxy]
+    recording_model: Running, fast_export: None, monkeypatch: pytest.MonkeyPatch, start_proxy: Callable[..., Proxy]
 ) -> None:
     monkeypatch.setenv("OTEL_EXPORTER_OTLP_TRACES_TIMEOUT", "1")
     dead = f"http://127.0.0.1:{free_port()}"
-    proxy = start_proxy(recording.url, "--otel", dead)
+    proxy = start_proxy(recording_model.url, "--otel", dead)
     for _ in range(20):
         assert httpx.post(f"{proxy.url}/invocations", content=b"{}", timeout=5).status_code == 200
     deadline = time.monotonic() + 15
@@ -151,15 +143,15 @@ def test_a_collector_that_is_down_delays_nothing_and_its_drops_are_counted(
     assert proxy.value("sagemaker_invocations_total") == 20
 
 
-def test_without_an_endpoint_there_is_no_tracing(recording: Running, monkeypatch: pytest.MonkeyPatch, start_proxy: Callable[..., Proxy]) -> None:
+def test_without_an_endpoint_there_is_no_tracing(recording_model: Running, monkeypatch: pytest.MonkeyPatch, start_proxy: Callable[..., Proxy]) -> None:
     for name in ("OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"):
         monkeypatch.delenv(name, raising=False)
-    proxy = start_proxy(recording.url)
+    proxy = start_proxy(recording_model.url)
     assert httpx.post(f"{proxy.url}/invocations", content=b"{}").status_code == 200
     text = httpx.get(f"{proxy.metrics_url}/metrics").text
     assert "trace_spans" not in text and "trace_id" not in text
     # OTEL_SDK_DISABLED wins over an endpoint.
     monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", "http://127.0.0.1:1")
     monkeypatch.setenv("OTEL_SDK_DISABLED", "true")
-    off = start_proxy(recording.url)
+    off = start_proxy(recording_model.url)
     assert "trace_spans" not in httpx.get(f"{off.metrics_url}/metrics").text
