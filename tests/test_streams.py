@@ -48,7 +48,7 @@ def test_first_chunk_and_inter_chunk_latency_follow_the_model(model: Running, st
     model_s = proxy.value("sagemaker_first_chunk_model_latency_seconds_sum")
     overhead_s = proxy.value("sagemaker_first_chunk_overhead_latency_seconds_sum")
     first_s = proxy.value("sagemaker_first_chunk_latency_seconds_sum")
-    assert 0.300 <= model_s < 0.330, model_s
+    assert 0.298 <= model_s < 0.330, model_s  # the model sleeps on libuv's millisecond timer: it may wake a little early
     assert first_s == pytest.approx(model_s + overhead_s, abs=2e-6)  # whole microseconds each
     assert 0 <= overhead_s < 0.010, overhead_s
     assert first_s <= first_seen, (first_s, first_seen)  # never more than the client waited
