@@ -86,7 +86,7 @@ def request_headers(incoming: Headers, streaming: bool, signed: frozenset[bytes]
 
 # Each refusal as SageMaker answers it: (status, error type).
 _REFUSALS = {
-    Fault.PAYLOAD_TOO_LARGE: (413, "ValidationError"),
+    Fault.PAYLOAD_TOO_LARGE: (400, "ValidationError"),  # ValidationError is a 400 in the service model
     Fault.UNKNOWN_VARIANT: (400, "ValidationError"),
     Fault.MALFORMED_REQUEST: (400, "ValidationError"),
     Fault.METHOD_NOT_ALLOWED: (400, "ValidationError"),

@@ -107,17 +107,11 @@ class StreamTokens:
 
     def _usage_event(self, event: bytes) -> None:
         data = [line[6:] if line[5:6] == b" " else line[5:] for line in event.splitlines() if line.startswith(b"data:")]
-        try:
-            document = json.loads(b"\n".join(data))
-        except (ValueError, RecursionError):  # not JSON, or nested past Python's limit
-            return
-        usage = document.get("usage") if isinstance(document, dict) else None
-        if isinstance(usage, dict):
-            prompt, completion = _usage(usage)
-            if prompt is not None:
-                self.input_tokens = prompt
-            if completion is not None:
-                self.usage_output = completion
+        prompt, completion = _usage_of(b"\n".join(data))
+        if prompt is not None:
+            self.input_tokens = prompt
+        if completion is not None:
+            self.usage_output = completion
 
 
 def _usage(usage: dict[str, Any]) -> tuple[int | None, int | None]:
@@ -135,12 +129,17 @@ def json_usage(content_type: bytes, body: bytes) -> tuple[int, int] | None:
     """The (input, output) tokens of a non-streamed OpenAI-compatible JSON response, if it has a usage object."""
     if not content_type.startswith(b"application/json") or len(body) > MAX_JSON_BODY or b'"usage"' not in body:
         return None
-    try:
-        document = json.loads(body)
-    except (ValueError, RecursionError):
+    prompt, completion = _usage_of(body)
+    if prompt is None and completion is None:
         return None
-    usage = document.get("usage") if isinstance(document, dict) else None
-    if not isinstance(usage, dict):
-        return None
-    prompt, completion = _usage(usage)
     return prompt or 0, completion or 0
+
+
+def _usage_of(document: bytes) -> tuple[int | None, int | None]:
+    """The (prompt, completion) counts of a JSON document's usage object; None for each it lacks."""
+    try:
+        parsed = json.loads(document)
+    except (ValueError, RecursionError):  # not JSON, or nested past Python's limit
+        return None, None
+    usage = parsed.get("usage") if isinstance(parsed, dict) else None
+    return _usage(usage) if isinstance(usage, dict) else (None, None)
