@@ -64,6 +64,11 @@ SCRIPTS = {
         f'wrk.method = "POST"; wrk.body = \'{IRIS}\'; wrk.headers["Content-Type"] = "application/json"; '
         'wrk.headers["X-Test-Stream-Chunks"] = "10"; wrk.headers["X-Test-Stream-Format"] = "openai"'
     ),
+    "openai-paced": (
+        f'wrk.method = "POST"; wrk.body = \'{IRIS}\'; wrk.headers["Content-Type"] = "application/json"; '
+        'wrk.headers["X-Test-Stream-Chunks"] = "10"; wrk.headers["X-Test-Stream-Format"] = "openai"; '
+        'wrk.headers["X-Test-Stream-Interval-Ms"] = "1"'
+    ),
 }
 
 SCENARIOS = (
@@ -73,7 +78,8 @@ SCENARIOS = (
     Scenario(f"{MODEL_DELAY_MS} ms model, 64 connections", 64, "delay", "concurrency is not capped"),
     Scenario("1 MiB request body, 16 connections", 16, "body1mib", "large payloads"),
     Scenario("streamed response (10 chunks), 16 connections", 16, "stream", "streaming"),
-    Scenario("OpenAI token stream (10 tokens), 16 connections", 16, "openai", "token counting"),
+    Scenario("OpenAI token stream, 10 tokens at once, 16 connections", 16, "openai", "token counting"),
+    Scenario("OpenAI token stream, 10 tokens 1 ms apart, 16 connections", 16, "openai-paced", "token counting, chunk by chunk"),
 )
 # The proxy targets and their serve flags. "proxy" is the default (built-in) HTTP server.
 PROXY_TARGETS: dict[str, tuple[str, ...]] = {
@@ -89,7 +95,8 @@ MAIN_TARGETS = ("direct", "nginx", "proxy", "proxy-uvicorn")
 EXTRA_TARGETS = {
     "trivial, 16 connections": ("proxy-no-metrics", "proxy-2-workers"),
     "trivial, 64 connections": ("proxy-2-workers",),
-    "OpenAI token stream (10 tokens), 16 connections": ("proxy-no-tokens",),
+    "OpenAI token stream, 10 tokens at once, 16 connections": ("proxy-no-tokens",),
+    "OpenAI token stream, 10 tokens 1 ms apart, 16 connections": ("proxy-no-tokens",),
 }
 # The goal for the built-in server: at most this much of uvicorn's CPU per request in this scenario.
 CPU_GOAL = ("trivial, 16 connections", 0.7)

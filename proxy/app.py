@@ -27,7 +27,7 @@ from proxy import runtime_api, sigv4
 from proxy.errors import Fault, UpstreamError, error_body
 from proxy.http.client import GATHER_BYTES, ModelClient, ModelResponse
 from proxy.instances import InstanceCountSource
-from proxy.tokens import EVENT_STREAM, MAX_JSON_BODY, StreamTokens, json_usage
+from proxy.tokens import EVENT_STREAM, MAX_JSON_BODY, TOKEN_BATCH_BYTES, TOKEN_BATCH_CHUNKS, StreamTokens, json_usage
 from proxy.tracing import Tracing
 from proxy.types import DISCONNECT_EXTENSION, FAULT_KEY, Body, Headers, Message, Receive, Scope, Send, body_size
 
@@ -528,6 +528,9 @@ class ProxyApp:
         streamed = response.streamed
         recorder = record.variant.recorder if record.counted and streamed and record.variant is not None else None
         tokens = StreamTokens() if recorder is not None and self._count_tokens and content_type.startswith(EVENT_STREAM) else None
+        pending: list[bytes] = []  # chunks passed on and not yet scanned for tokens, with their arrivals
+        arrivals: list[int] = []
+        scanned = 0  # response bytes when the last batch was scanned
         # A sized JSON answer that did not come with its head: kept (bounded) for its usage object.
         whole: list[bytes] | None = None
         if record.counted and self._count_tokens and not streamed and content_type.startswith(b"application/json"):
@@ -543,7 +546,12 @@ class ProxyApp:
             if chunk:
                 record.response_bytes += len(chunk)
                 if tokens is not None:
-                    tokens.feed(chunk, arrived)
+                    # Gathered, a few at a time, and scanned together: one call per batch, not per chunk.
+                    pending.append(chunk)
+                    arrivals.append(arrived)
+                    if len(pending) >= TOKEN_BATCH_CHUNKS or record.response_bytes - scanned >= TOKEN_BATCH_BYTES:
+                        tokens.feed_chunks(pending, arrivals)
+                        pending, arrivals, scanned = [], [], record.response_bytes
                 elif whole is not None:
                     whole.append(chunk)
                 t0 = clock()
@@ -565,6 +573,8 @@ class ProxyApp:
         record.t_done = clock()
         guard.stop()
         if tokens is not None:
+            if pending:
+                tokens.feed_chunks(pending, arrivals)
             tokens.finish(arrived)
             record.input_tokens = tokens.input_tokens
             record.output_tokens = tokens.output_tokens

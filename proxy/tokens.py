@@ -3,8 +3,10 @@
 A stream is server-sent events (``text/event-stream``), each ``data: {json}`` a chunk of chat completions
 (``choices[].delta.content``) or completions (``choices[].text``), ended by ``data: [DONE]``; with
 ``stream_options.include_usage`` a last chunk carries ``usage``. The parser reads events incrementally
-(split across chunks, several per chunk), keeps only the unfinished line, and never changes a byte.
-A response that is not an event stream costs nothing: no counter is made for it.
+(split across chunks, several per chunk), keeps only the unfinished event, and never changes a byte.
+The proxy hands it a stream's chunks a few at a time (a bounded batch, after they went to the client),
+so a token stream costs one scan per batch, not one call per chunk. A response that is not an event
+stream costs nothing: no counter is made for it.
 """
 
 from __future__ import annotations
@@ -17,6 +19,10 @@ EVENT_STREAM = b"text/event-stream"
 MAX_LINE = 1 << 20  # an unfinished line or event longer than this is not an OpenAI event: counting stops
 MAX_TOKENS = 10**9  # a usage count above this (or below 0) is not believed
 MAX_JSON_BODY = 1 << 20  # the largest non-streamed JSON body read for its usage
+# A stream's chunks are scanned a batch at a time (StreamTokens.feed_chunks): at most this many chunks, or
+# about this many bytes, are held past the client before their scan. The counts are the same as chunk by chunk.
+TOKEN_BATCH_CHUNKS = 32
+TOKEN_BATCH_BYTES = 16 << 10
 
 
 # A choice that carries output: non-empty text in a chat delta (content, reasoning) or a completion, or a tool call.
@@ -24,6 +30,8 @@ MAX_JSON_BODY = 1 << 20  # the largest non-streamed JSON body read for its usage
 CONTENT = re.compile(rb'"(?:content|text|reasoning_content)"[ \t]*:[ \t]*"[^"]|"tool_calls"[ \t]*:[ \t]*\[[ \t]*\{')
 USAGE = re.compile(rb'"usage"[ \t]*:[ \t]*\{')  # a usage object, not the null OpenAI sends in every other chunk
 EVENT_END = re.compile(rb"\r?\n\r?\n")
+COMPACT = b'"content":"'  # how vLLM, TGI and OpenAI write a chat delta's text: counted without a regular expression
+COMPACT_EMPTY = b'"content":""'
 
 
 class StreamTokens:
@@ -57,49 +65,85 @@ class StreamTokens:
         return (self.t_last - self.t_first) / (tokens - 1)
 
     def feed(self, chunk: bytes, now: int) -> None:
+        """One chunk, arrived at ``now``."""
+        self.feed_chunks([chunk], [now])
+
+    def feed_chunks(self, chunks: list[bytes], arrivals: list[int]) -> None:
+        """Several chunks in the order they came, each with its arrival: one scan for all of them.
+
+        An event's tokens count at the arrival of the chunk that completed it, however the chunks are
+        grouped; so a caller may gather a few chunks (bounded) and pay one call instead of one per chunk."""
         if self.gave_up:
             return
-        end = chunk.rfind(b"\n\n") + 2
-        if b"\r" in chunk:
-            end = max(end, chunk.rfind(b"\n\r\n") + 3)
-        if end < 3:  # no event ends in this chunk (2: not found)
-            self._partial.append(chunk)
-            self._partial_size += len(chunk)
+        data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        # Where the last complete event ends in ``data``; its blank line may have begun in what is held.
+        tail = b"".join(self._partial[-3:])[-3:] if self._partial else b""
+        probe = tail + data if tail else data
+        end = probe.rfind(b"\n\n")
+        end = end + 2 if end >= 0 else 0
+        if end != len(probe) and b"\r" in probe:  # no CRLF blank line can end later than the last byte
+            crlf = probe.rfind(b"\n\r\n")
+            end = max(end, crlf + 3 if crlf >= 0 else 0)
+        end -= len(tail)  # in ``data``: past its last complete event
+        if end <= 0:  # no event ends here
+            self._partial.append(data)
+            self._partial_size += len(data)
             if self._partial_size > MAX_LINE:
                 self._give_up()
             return
-        if end == len(chunk) and not self._partial:
-            self._scan(chunk, now)  # the usual case: whole events
-            return
-        complete = chunk[:end]
+        shift = 0  # where ``data`` starts in what is scanned
         if self._partial:
-            complete = b"".join(self._partial) + complete
-        rest = chunk[end:]
+            held = b"".join(self._partial)
+            shift = len(held)
+            complete = held + data[:end]
+        else:
+            complete = data if end == len(data) else data[:end]
+        rest = data[end:]
         self._partial, self._partial_size = ([rest], len(rest)) if rest else ([], 0)
-        self._scan(complete, now)
+        self._scan(complete, shift, chunks, arrivals, len(data))
 
     def finish(self, now: int) -> None:
         """The stream ended: an event without its blank line still counts."""
         if self._partial and not self.gave_up:
-            self._scan(b"".join(self._partial), now)
+            events = b"".join(self._partial)
+            self._scan(events, 0, [events], [now], len(events))
         self._partial, self._partial_size = [], 0
 
     def _give_up(self) -> None:
         self.gave_up = True
         self._partial, self._partial_size = [], 0
 
-    def _scan(self, events: bytes, now: int) -> None:
-        # The common form first, two substring counts (vLLM, TGI, OpenAI send compact JSON); else every form.
-        found = events.count(b'"content":"')
+    def _scan(self, events: bytes, shift: int, chunks: list[bytes], arrivals: list[int], size: int) -> None:
+        """Count the complete events ``events``; ``chunks`` (``size`` bytes in all) begin at ``shift`` in them."""
+        # The common form first, substring counts (vLLM, TGI, OpenAI send compact JSON); else every form.
+        found = events.count(COMPACT)
         if found:
-            found -= events.count(b'"content":""')
-        if found <= 0 and (b'"text"' in events or b'"tool_calls"' in events or b'content"' in events):
-            found = len(CONTENT.findall(events))
-        if found:
+            found -= events.count(COMPACT_EMPTY)
+        first = last = -1  # where the first and the last content event start (several chunks only)
+        if found > 0:
+            if len(arrivals) > 1:
+                first = events.find(COMPACT)
+                while events[first + len(COMPACT):first + len(COMPACT) + 1] == b'"':
+                    first = events.find(COMPACT, first + 1)
+                last = events.rfind(COMPACT)
+                while events[last + len(COMPACT):last + len(COMPACT) + 1] == b'"':
+                    last = events.rfind(COMPACT, 0, last)
+        elif b'"text"' in events or b'"tool_calls"' in events or b'content"' in events:
+            starts = [m.start() for m in CONTENT.finditer(events)]
+            found = len(starts)
+            if found:
+                first, last = starts[0], starts[-1]
+        if found > 0:
             self.content_events += found
-            if not self.t_first:
-                self.t_first = now
-            self.t_last = now
+            if len(arrivals) == 1:
+                if not self.t_first:
+                    self.t_first = arrivals[0]
+                self.t_last = arrivals[0]
+            else:
+                crlf = b"\r" in events
+                if not self.t_first:
+                    self.t_first = _arrival(events, first, crlf, shift, chunks, arrivals, size)
+                self.t_last = _arrival(events, last, crlf, shift, chunks, arrivals, size)
         if b'"usage"' in events and USAGE.search(events) is not None:
             for event in EVENT_END.split(events):
                 if USAGE.search(event) is not None:
@@ -143,3 +187,31 @@ def _usage_of(document: bytes) -> tuple[int | None, int | None]:
         return None, None
     usage = parsed.get("usage") if isinstance(parsed, dict) else None
     return _usage(usage) if isinstance(usage, dict) else (None, None)
+
+
+def _arrival(events: bytes, start: int, crlf: bool, shift: int, chunks: list[bytes], arrivals: list[int], size: int) -> int:
+    """When the event holding ``events[start]`` was complete: the arrival of the chunk its blank line ended in.
+
+    The chunks, ``size`` bytes in all, begin at ``shift`` in ``events``. They are walked from the nearer end:
+    a batch's first content event is near its front, its last near its back."""
+    end = events.find(b"\n\n", start) + 2
+    if end == 1:
+        end = len(events)
+    if crlf:
+        other = events.find(b"\n\r\n", start) + 3
+        if 2 < other < end:
+            end = other
+    end -= shift  # in the joined chunks
+    if end <= size - end:
+        position = 0
+        for chunk, arrival in zip(chunks, arrivals, strict=True):
+            position += len(chunk)
+            if position >= end:
+                return arrival
+        return arrivals[-1]
+    position = size
+    for i in range(len(chunks) - 1, 0, -1):
+        position -= len(chunks[i])
+        if position < end:
+            return arrivals[i]
+    return arrivals[0]

@@ -81,6 +81,18 @@ def test_openai_stream_tokens_and_time_per_token(model: Running, start_proxy: Ca
     assert proxy.value("sagemaker_time_per_output_token_seconds_sum") == pytest.approx(0.050, abs=0.010)
 
 
+def test_a_long_stream_is_counted_in_batches_with_the_same_result(model: Running, start_proxy: Callable[..., Proxy]) -> None:
+    """100 tokens 5 ms apart: more chunks than one batch of the token counter holds (proxy.tokens.TOKEN_BATCH_CHUNKS)."""
+    proxy = start_proxy(model.url, *CHAT)
+    body = {"messages": [{"role": "user", "content": "go"}], "max_tokens": 100, "stream": True, "stream_options": {"include_usage": True}}
+    _, _, raw = stream(f"{proxy.url}/v1/chat/completions", body, {"X-Test-Stream-Interval-Ms": "5"})
+    assert raw.count(b'"content":') >= 100 and raw.endswith(b"data: [DONE]\n\n")
+    assert proxy.value("sagemaker_output_tokens_total") == 100
+    assert proxy.value("sagemaker_input_tokens_total") == 1
+    assert proxy.value("sagemaker_inter_chunk_latency_seconds_count") > 64  # the chunks came apart, not in one read
+    assert proxy.value("sagemaker_time_per_output_token_seconds_sum") == pytest.approx(0.005, abs=0.002)
+
+
 def test_tokens_of_non_streamed_completions_and_of_both_apis(model: Running, start_proxy: Callable[..., Proxy]) -> None:
     proxy = start_proxy(model.url, *CHAT)
     r = httpx.post(f"{proxy.url}/v1/chat/completions", json={"messages": [{"role": "user", "content": "one two three"}], "max_tokens": 5})

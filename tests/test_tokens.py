@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
@@ -35,6 +36,42 @@ def test_events_split_across_chunks_and_several_per_chunk(cut: int) -> None:
         tokens.feed(STREAM[start : start + cut], now=1000 * (i + 1))
     tokens.finish(now=10**9)
     assert (tokens.content_events, tokens.output_tokens, tokens.input_tokens) == (3, 3, 0)
+
+
+def compact(content: str) -> bytes:
+    """A chat chunk as vLLM, TGI and OpenAI write it: compact JSON (the counter's fast path)."""
+    return b"data: " + json.dumps({"object": "chat.completion.chunk", "choices": [{"index": 0, "delta": {"content": content}}]}, separators=(",", ":")).encode() + b"\n\n"
+
+
+FORMS = {
+    "compact": b'data: {"choices":[{"index":0,"delta":{"role":"assistant","content":""}}]}\n\n' + b"".join(compact(f" t{i}") for i in range(10)) + b"data: [DONE]\n\n",
+    "spaced": STREAM,
+    "crlf": STREAM.replace(b"\n", b"\r\n"),
+}
+
+
+@pytest.mark.parametrize("form", FORMS)
+def test_tokens_count_when_the_chunk_ending_their_event_arrived_however_chunks_are_cut_and_grouped(form: str) -> None:
+    """Every cut of the stream into chunks, fed one at a time and in batches (as the proxy gathers them):
+    the same count, and the first and last token stamped with the arrival of the chunk that ended their event,
+    also when that event's blank line is split between two chunks."""
+    data = FORMS[form]
+    texts = [m.start() for m in re.finditer(rb'"content": ?"[^"]', data)]
+    first_text, last_text = texts[0], texts[-1]
+    ends = [m.end() for m in re.finditer(rb"\r?\n\r?\n", data)]
+    first_end = next(e for e in ends if e > first_text)
+    last_end = next(e for e in ends if e > last_text)
+    expected = {"compact": 10, "spaced": 3, "crlf": 3}[form]
+    for cut in range(1, 120):
+        chunks = [data[i:i + cut] for i in range(0, len(data), cut)]
+        arrivals = [i + 1 for i in range(len(chunks))]  # chunk i arrives at i + 1
+        for batch in (1, 2, 3, 7, 32, len(chunks)):
+            tokens = StreamTokens()
+            for k in range(0, len(chunks), batch):
+                tokens.feed_chunks(chunks[k:k + batch], arrivals[k:k + batch])
+            tokens.finish(now=10**9)
+            got = (tokens.output_tokens, tokens.t_first, tokens.t_last)
+            assert got == (expected, (first_end - 1) // cut + 1, (last_end - 1) // cut + 1), (cut, batch, got)
 
 
 def test_usage_wins_over_the_event_count_and_time_per_token_spans_first_to_last() -> None:
