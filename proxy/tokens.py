@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Sequence
 from typing import Any
 
 EVENT_STREAM = b"text/event-stream"
@@ -66,7 +67,10 @@ class StreamTokens:
 
     def feed(self, chunk: bytes, now: int) -> None:
         """One chunk, arrived at ``now``."""
-        self.feed_chunks([chunk], [now])
+        if not self._partial and not self.gave_up and chunk.endswith(b"\n\n"):
+            self._scan(chunk, 0, (chunk,), (now,), len(chunk))  # whole events, the usual case: nothing held
+        else:
+            self.feed_chunks([chunk], [now])
 
     def feed_chunks(self, chunks: list[bytes], arrivals: list[int]) -> None:
         """Several chunks in the order they came, each with its arrival: one scan for all of them.
@@ -113,7 +117,7 @@ class StreamTokens:
         self.gave_up = True
         self._partial, self._partial_size = [], 0
 
-    def _scan(self, events: bytes, shift: int, chunks: list[bytes], arrivals: list[int], size: int) -> None:
+    def _scan(self, events: bytes, shift: int, chunks: Sequence[bytes], arrivals: Sequence[int], size: int) -> None:
         """Count the complete events ``events``; ``chunks`` (``size`` bytes in all) begin at ``shift`` in them."""
         # The common form first, substring counts (vLLM, TGI, OpenAI send compact JSON); else every form.
         found = events.count(COMPACT)
@@ -123,10 +127,10 @@ class StreamTokens:
         if found > 0:
             if len(arrivals) > 1:
                 first = events.find(COMPACT)
-                while events[first + len(COMPACT):first + len(COMPACT) + 1] == b'"':
+                while events.startswith(b'"', first + len(COMPACT)):  # an empty one: no token
                     first = events.find(COMPACT, first + 1)
                 last = events.rfind(COMPACT)
-                while events[last + len(COMPACT):last + len(COMPACT) + 1] == b'"':
+                while events.startswith(b'"', last + len(COMPACT)):
                     last = events.rfind(COMPACT, 0, last)
         elif b'"text"' in events or b'"tool_calls"' in events or b'content"' in events:
             starts = [m.start() for m in CONTENT.finditer(events)]
@@ -189,7 +193,7 @@ def _usage_of(document: bytes) -> tuple[int | None, int | None]:
     return _usage(usage) if isinstance(usage, dict) else (None, None)
 
 
-def _arrival(events: bytes, start: int, crlf: bool, shift: int, chunks: list[bytes], arrivals: list[int], size: int) -> int:
+def _arrival(events: bytes, start: int, crlf: bool, shift: int, chunks: Sequence[bytes], arrivals: Sequence[int], size: int) -> int:
     """When the event holding ``events[start]`` was complete: the arrival of the chunk its blank line ended in.
 
     The chunks, ``size`` bytes in all, begin at ``shift`` in ``events``. They are walked from the nearer end:
