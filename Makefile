@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test serve bench bench-quick soak clean
+.PHONY: demo test serve bench bench-quick bench-servers soak clean
 
 demo: $(VENV)/.installed
 	$(BIN)/sagemaker-metrics-proxy demo $(ARGS)
@@ -23,6 +23,10 @@ bench: $(VENV)/.bench
 
 bench-quick: $(VENV)/.bench
 	$(BIN)/python -m benchmarks.run --quick
+
+# The front door alone: a trivial ASGI app under the built-in server and under uvicorn (about 2 minutes).
+bench-servers: $(VENV)/.bench
+	$(BIN)/python -m benchmarks.servers
 
 # One proxy process under wrk until 1,000,000 requests past warm-up (1-3 minutes on 2 cores); SOAK_ARGS="--requests 50000" for less.
 soak: $(VENV)/.bench
