@@ -30,7 +30,6 @@ TOKEN_BATCH_BYTES = 16 << 10
 # Matched in the raw bytes, in C: a JSON string's own quotes are escaped, so text inside content cannot match.
 CONTENT = re.compile(rb'"(?:content|text|reasoning_content)"[ \t]*:[ \t]*"[^"]|"tool_calls"[ \t]*:[ \t]*\[[ \t]*\{')
 USAGE = re.compile(rb'"usage"[ \t]*:[ \t]*\{')  # a usage object, not the null OpenAI sends in every other chunk
-EVENT_END = re.compile(rb"\r?\n\r?\n")
 COMPACT = b'"content":"'  # how vLLM, TGI and OpenAI write a chat delta's text: counted without a regular expression
 COMPACT_EMPTY = b'"content":""'
 
@@ -148,18 +147,26 @@ class StreamTokens:
                 if not self.t_first:
                     self.t_first = _arrival(events, first, crlf, shift, chunks, arrivals, size)
                 self.t_last = _arrival(events, last, crlf, shift, chunks, arrivals, size)
-        if b'"usage"' in events and USAGE.search(events) is not None:
-            for event in EVENT_END.split(events):
-                if USAGE.search(event) is not None:
-                    self._usage_event(event)
+        # The newest usage object counts (with continuous usage stats every event has one): looked for from the back.
+        position = events.rfind(b'"usage"')
+        while position >= 0:
+            if USAGE.match(events, position) is not None and self._usage_event(_event_at(events, position)):
+                break
+            position = events.rfind(b'"usage"', 0, position)
 
-    def _usage_event(self, event: bytes) -> None:
-        data = [line[6:] if line[5:6] == b" " else line[5:] for line in event.splitlines() if line.startswith(b"data:")]
-        prompt, completion = _usage_of(b"\n".join(data))
+    def _usage_event(self, event: bytes) -> bool:
+        """Take the counts of an event's usage object; False when it has none."""
+        event = event.strip()
+        if event.startswith(b"data:") and b"\n" not in event:  # one data line, as every server sends it
+            document = event[5:]
+        else:
+            document = b"\n".join(line[6:] if line[5:6] == b" " else line[5:] for line in event.splitlines() if line.startswith(b"data:"))
+        prompt, completion = _usage_of(document)
         if prompt is not None:
             self.input_tokens = prompt
         if completion is not None:
             self.usage_output = completion
+        return prompt is not None or completion is not None
 
 
 def _usage(usage: dict[str, Any]) -> tuple[int | None, int | None]:
@@ -191,6 +198,17 @@ def _usage_of(document: bytes) -> tuple[int | None, int | None]:
         return None, None
     usage = parsed.get("usage") if isinstance(parsed, dict) else None
     return _usage(usage) if isinstance(usage, dict) else (None, None)
+
+
+def _event_at(events: bytes, position: int) -> bytes:
+    """The event that holds ``events[position]``: from the blank line before it to the one after it."""
+    start = events.rfind(b"\n\n", 0, position)
+    end = events.find(b"\n\n", position)
+    if b"\r" in events:
+        start = max(start, events.rfind(b"\n\r\n", 0, position))
+        crlf = events.find(b"\n\r\n", position)
+        end = crlf if end < 0 or 0 <= crlf < end else end
+    return events[start + 1:end if end >= 0 else len(events)]
 
 
 def _arrival(events: bytes, start: int, crlf: bool, shift: int, chunks: Sequence[bytes], arrivals: Sequence[int], size: int) -> int:

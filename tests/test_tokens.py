@@ -85,6 +85,28 @@ def test_usage_wins_over_the_event_count_and_time_per_token_spans_first_to_last(
     assert tokens.time_per_output_token_ns() == (5_000_000 - 1_000_000) / 4
 
 
+def test_the_newest_usage_object_counts_null_ones_do_not_and_any_line_form_is_read() -> None:
+    """OpenAI's ``usage: null`` in every chunk but the last; vLLM's continuous usage stats (a usage object
+    in every chunk, each counting so far); CRLF lines; a usage event whose JSON spans two data lines."""
+    with_null = b"".join(event({"choices": [{"delta": {"content": c}}], "usage": None}) for c in "abc")
+    last = event({"choices": [], "usage": {"prompt_tokens": 4, "completion_tokens": 3}})
+    continuous = b"".join(event({"choices": [{"delta": {"content": c}}], "usage": {"prompt_tokens": 4, "completion_tokens": i + 1}}) for i, c in enumerate("abcde"))
+    two_lines = b'data: {"choices": [],\ndata:  "usage": {"prompt_tokens": 2, "completion_tokens": 9}}\n\n'
+    for stream, expected in (
+        (with_null + last, (4, 3)),
+        (continuous, (4, 5)),
+        ((with_null + last).replace(b"\n", b"\r\n"), (4, 3)),
+        (with_null + two_lines, (2, 9)),
+        (with_null, (0, 3)),  # no usage object at all: the content events
+    ):
+        for cut in (1, 5, 64, len(stream)):
+            tokens = StreamTokens()
+            for i in range(0, len(stream), cut):
+                tokens.feed(stream[i:i + cut], now=i + 1)
+            tokens.finish(now=len(stream) + 1)
+            assert (tokens.input_tokens, tokens.output_tokens) == expected, (stream[:60], cut)
+
+
 def test_completions_text_and_an_event_without_its_blank_line() -> None:
     tokens = StreamTokens()
     tokens.feed(b'data: {"choices": [{"text": "x"}]}\n\ndata: {"choices": [{"text": "y"}]}', now=1)
