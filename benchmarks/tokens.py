@@ -4,9 +4,9 @@
 
 The wrk benchmark compares a proxy that counts tokens with one that does not, but on a shared machine
 two identical proxies differ by several percent from run to run, which is more than counting costs.
-This times the counter itself (proxy.tokens.StreamTokens) on the OpenAI-compatible stream the example
-model sends for the benchmark's token scenarios (10 tokens, with a usage chunk), the two ways the
-request path hands it over: the whole stream at once (it came with its head, in one read) and its
+This times the counter itself (proxy.tokens.StreamTokens) on the example model's OpenAI-compatible
+stream of 10 tokens, without and with the usage chunk that ``stream_options.include_usage`` asks for,
+the two ways the request path hands it over: the whole stream at once (it came with its head, in one read) and its
 chunks gathered in one batch (they came one by one). Prints microseconds per stream.
 """
 
@@ -16,13 +16,14 @@ import argparse
 import asyncio
 import sys
 import timeit
+from functools import partial
 
 from example_model import chat
 from proxy.tokens import StreamTokens
 from proxy.types import Message
 
 
-def model_chunks(tokens: int) -> list[bytes]:
+def model_chunks(tokens: int, include_usage: bool) -> list[bytes]:
     """The body chunks the example model writes for a streamed chat completion of ``tokens`` tokens."""
     chunks: list[bytes] = []
 
@@ -30,7 +31,7 @@ def model_chunks(tokens: int) -> list[bytes]:
         if message["type"] == "http.response.body" and message.get("body"):
             chunks.append(message["body"])
 
-    asyncio.run(chat.stream(send, True, 7, tokens, True, 0.0))
+    asyncio.run(chat.stream(send, True, 7, tokens, include_usage, 0.0))
     return chunks
 
 
@@ -53,16 +54,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tokens", type=int, default=10)
     parser.add_argument("--number", type=int, default=100_000)
     args = parser.parse_args(argv)
-    chunks = model_chunks(args.tokens)
-    body = b"".join(chunks)
-    arrivals = list(range(1, len(chunks) + 1))
-    counter = StreamTokens()
-    counter.feed(body, 1)
-    assert counter.output_tokens == args.tokens, counter.output_tokens
-    print(f"A {args.tokens}-token stream: {len(body):,} bytes in {len(chunks)} chunks; median of 5 x {args.number:,} runs.")
-    for name, run in (("whole, in one read", lambda: whole(body)), (f"{len(chunks)} chunks, one batch", lambda: batch(chunks, arrivals))):
-        best = sorted(timeit.repeat(run, number=args.number, repeat=5))[2] / args.number
-        print(f"- {name}: {best * 1e6:.2f} us per stream")
+    for include_usage in (False, True):
+        chunks = model_chunks(args.tokens, include_usage)
+        body = b"".join(chunks)
+        arrivals = list(range(1, len(chunks) + 1))
+        counter = StreamTokens()
+        counter.feed(body, 1)
+        assert counter.output_tokens == args.tokens, counter.output_tokens
+        print(f"A {args.tokens}-token stream {'with' if include_usage else 'without'} a usage chunk: {len(body):,} bytes in {len(chunks)} chunks")
+        for name, run in (("whole, in one read", partial(whole, body)), (f"{len(chunks)} chunks, one batch", partial(batch, chunks, arrivals))):
+            median = sorted(timeit.repeat(run, number=args.number, repeat=5))[2] / args.number
+            print(f"- {name}: {median * 1e6:.2f} us per stream (median of 5 x {args.number:,})")
     return 0
 
 
