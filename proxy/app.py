@@ -489,7 +489,8 @@ class ProxyApp:
             guard.stop()
             if response is not None:
                 response.close()
-            record.t_out = clock()
+            if not record.t_out:  # else the answer went out before its tokens were counted
+                record.t_out = clock()
             if spans is not None:
                 assert tracing is not None
                 tracing.end(spans, record, record.endpoint, offset)
@@ -515,13 +516,14 @@ class ProxyApp:
             guard.stop()
             body = response.take_buffered()
             record.response_bytes = len(body)
-            if record.counted and self._count_tokens:
-                self._count_whole(record, content_type, body, response.streamed)
             await send(start)
             if response.streamed and body:
                 record.t_first_byte = record.t_head  # a whole stream that came with its head
                 record.t_first_out = clock()
             await send({"type": "http.response.body", "body": body})
+            record.t_out = clock()
+            if record.counted and self._count_tokens:  # after the answer went out: the client does not wait for it
+                self._count_whole(record, content_type, body, response.streamed)
             return
         await send(start)
         record.blocked_ns += clock() - record.t_head
@@ -546,12 +548,8 @@ class ProxyApp:
             if chunk:
                 record.response_bytes += len(chunk)
                 if tokens is not None:
-                    # Gathered, a few at a time, and scanned together: one call per batch, not per chunk.
                     pending.append(chunk)
                     arrivals.append(arrived)
-                    if len(pending) >= TOKEN_BATCH_CHUNKS or record.response_bytes - scanned >= TOKEN_BATCH_BYTES:
-                        tokens.feed_chunks(pending, arrivals)
-                        pending, arrivals, scanned = [], [], record.response_bytes
                 elif whole is not None:
                     whole.append(chunk)
                 t0 = clock()
@@ -561,6 +559,10 @@ class ProxyApp:
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
                 record.blocked_ns += clock() - t0
                 guard.rearm()
+                if tokens is not None and (len(pending) >= TOKEN_BATCH_CHUNKS or record.response_bytes - scanned >= TOKEN_BATCH_BYTES):
+                    # Scanned a batch at a time, once the chunks went out: one call per batch, not per chunk.
+                    tokens.feed_chunks(pending, arrivals)
+                    pending, arrivals, scanned = [], [], record.response_bytes
             chunk = await response.read()
             if not chunk:
                 break
@@ -572,6 +574,8 @@ class ProxyApp:
             arrived, blocked = now, record.blocked_ns
         record.t_done = clock()
         guard.stop()
+        await send({"type": "http.response.body", "body": b""})
+        record.t_out = clock()
         if tokens is not None:
             if pending:
                 tokens.feed_chunks(pending, arrivals)
@@ -583,7 +587,6 @@ class ProxyApp:
             usage = json_usage(content_type, b"".join(whole))
             if usage is not None:
                 record.input_tokens, record.output_tokens = usage
-        await send({"type": "http.response.body", "body": b""})
 
     @staticmethod
     def _access(scope: Scope, record: Invocation) -> None:
