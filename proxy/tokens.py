@@ -200,15 +200,24 @@ def _usage_of(document: bytes) -> tuple[int | None, int | None]:
     return _usage(usage) if isinstance(usage, dict) else (None, None)
 
 
-def _event_at(events: bytes, position: int) -> bytes:
-    """The event that holds ``events[position]``: from the blank line before it to the one after it."""
-    start = events.rfind(b"\n\n", 0, position)
+def _event_end(events: bytes, position: int, crlf: bool) -> int:
+    """Where the event holding ``events[position]`` ends: past its blank line, else at the end of ``events``."""
     end = events.find(b"\n\n", position)
-    if b"\r" in events:
+    end = end + 2 if end >= 0 else len(events)
+    if crlf:
+        other = events.find(b"\n\r\n", position)
+        if 0 <= other and other + 3 < end:
+            end = other + 3
+    return end
+
+
+def _event_at(events: bytes, position: int) -> bytes:
+    """The event that holds ``events[position]``, from the blank line before it to the one after it."""
+    crlf = b"\r" in events
+    start = events.rfind(b"\n\n", 0, position)
+    if crlf:
         start = max(start, events.rfind(b"\n\r\n", 0, position))
-        crlf = events.find(b"\n\r\n", position)
-        end = crlf if end < 0 or 0 <= crlf < end else end
-    return events[start + 1:end if end >= 0 else len(events)]
+    return events[start + 1:_event_end(events, position, crlf)]
 
 
 def _arrival(events: bytes, start: int, crlf: bool, shift: int, chunks: Sequence[bytes], arrivals: Sequence[int], size: int) -> int:
@@ -216,13 +225,7 @@ def _arrival(events: bytes, start: int, crlf: bool, shift: int, chunks: Sequence
 
     The chunks, ``size`` bytes in all, begin at ``shift`` in ``events``. They are walked from the nearer end:
     a batch's first content event is near its front, its last near its back."""
-    end = events.find(b"\n\n", start) + 2
-    if end == 1:
-        end = len(events)
-    if crlf:
-        other = events.find(b"\n\r\n", start) + 3
-        if 2 < other < end:
-            end = other
+    end = _event_end(events, start, crlf)
     end -= shift  # in the joined chunks
     if end <= size - end:
         position = 0
