@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections import deque
 from collections.abc import Sequence
 from typing import Any
 
@@ -147,15 +148,15 @@ class StreamTokens:
                 if not self.t_first:
                     self.t_first = _arrival(events, first, crlf, shift, chunks, arrivals, size)
                 self.t_last = _arrival(events, last, crlf, shift, chunks, arrivals, size)
-        # The newest usage object counts (with continuous usage stats every event has one): looked for from the back.
-        position = events.rfind(b'"usage"')
-        while position >= 0:
-            if USAGE.match(events, position) is not None and self._usage_event(_event_at(events, position)):
-                break
-            position = events.rfind(b'"usage"', 0, position)
+        if b'"usage"' in events:
+            # Only the newest usage object is decoded: with continuous usage stats every event has one, each
+            # counting so far, and OpenAI's other events carry "usage": null. One pass in C finds it.
+            newest = deque(USAGE.finditer(events), maxlen=1)
+            if newest:
+                self._usage_event(_event_at(events, newest[0].start()))
 
-    def _usage_event(self, event: bytes) -> bool:
-        """Take the counts of an event's usage object; False when it has none."""
+    def _usage_event(self, event: bytes) -> None:
+        """Take the counts of an event's usage object, those that are counts."""
         event = event.strip()
         if event.startswith(b"data:") and b"\n" not in event:  # one data line, as every server sends it
             document = event[5:]
@@ -166,7 +167,6 @@ class StreamTokens:
             self.input_tokens = prompt
         if completion is not None:
             self.usage_output = completion
-        return prompt is not None or completion is not None
 
 
 def _usage(usage: dict[str, Any]) -> tuple[int | None, int | None]:
