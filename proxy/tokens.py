@@ -148,12 +148,17 @@ class StreamTokens:
                 if not self.t_first:
                     self.t_first = _arrival(events, first, crlf, shift, chunks, arrivals, size)
                 self.t_last = _arrival(events, last, crlf, shift, chunks, arrivals, size)
-        if b'"usage"' in events:
-            # Only the newest usage object is decoded: with continuous usage stats every event has one, each
-            # counting so far, and OpenAI's other events carry "usage": null. One pass in C finds it.
-            newest = deque(USAGE.finditer(events), maxlen=1)
-            if newest:
-                self._usage_event(_event_at(events, newest[0].start()))
+        # Only the newest usage object is decoded: with continuous usage stats every event has one, each
+        # counting so far, and OpenAI's other events carry "usage": null. Usually it is the last "usage" of
+        # all; else one pass in C finds it.
+        position = events.rfind(b'"usage"')
+        if position >= 0:
+            match = USAGE.match(events, position)
+            if match is None:
+                older = deque(USAGE.finditer(events, 0, position), maxlen=1)
+                match = older[0] if older else None
+            if match is not None:
+                self._usage_event(_event_at(events, match.start()))
 
     def _usage_event(self, event: bytes) -> None:
         """Take the counts of an event's usage object, those that are counts."""

@@ -95,6 +95,7 @@ def test_the_newest_usage_object_counts_null_ones_do_not_and_any_line_form_is_re
     for stream, expected in (
         (with_null + last, (4, 3)),
         (continuous, (4, 5)),
+        (continuous + event({"choices": [], "usage": None}), (4, 5)),  # the last "usage" is a null: the object before it
         ((with_null + last).replace(b"\n", b"\r\n"), (4, 3)),
         (with_null + two_lines, (2, 9)),
         (with_null, (0, 3)),  # no usage object at all: the content events
