@@ -114,33 +114,30 @@ def aws_env(monkeypatch: pytest.MonkeyPatch) -> None:
         monkeypatch.setenv(key, value)
 
 
+def _model_process(tmp_path_factory: pytest.TempPathFactory, name: str, args: list[str]) -> Iterator[Running]:
+    """A model server started with ``args`` on a free port (given as ``--port``), its log in a temporary directory."""
+    port = free_port()
+    log = tmp_path_factory.mktemp(name) / f"{name}.log"
+    running = start([*args, "--port", str(port)], port, log)
+    yield running
+    running.stop()
+
+
 @pytest.fixture(scope="session")
 def model(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Running]:
     """The example model with its test knobs switched on."""
-    port = free_port()
-    log = tmp_path_factory.mktemp("model") / "model.log"
-    running = start(["-m", "example_model", "--host", "127.0.0.1", "--port", str(port), "--test-knobs"], port, log)
-    yield running
-    running.stop()
+    yield from _model_process(tmp_path_factory, "model", ["-m", "example_model", "--host", "127.0.0.1", "--test-knobs"])
 
 
 @pytest.fixture(scope="session")
 def faulty_model(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Running]:
-    port = free_port()
-    log = tmp_path_factory.mktemp("faulty") / "faulty.log"
-    running = start([str(ROOT / "tests" / "faulty_model.py"), "--port", str(port)], port, log)
-    yield running
-    running.stop()
+    yield from _model_process(tmp_path_factory, "faulty", [str(ROOT / "tests" / "faulty_model.py")])
 
 
 @pytest.fixture(scope="module")
 def recording_model(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Running]:
     """tests/recording_model.py: a model that records every request it receives (``GET /__received``)."""
-    port = free_port()
-    log = tmp_path_factory.mktemp("recording") / "recording_model.log"
-    running = start([str(ROOT / "tests" / "recording_model.py"), "--port", str(port)], port, log)
-    yield running
-    running.stop()
+    yield from _model_process(tmp_path_factory, "recording_model", [str(ROOT / "tests" / "recording_model.py")])
 
 
 @pytest.fixture
