@@ -31,7 +31,7 @@ from typing import IO
 import psutil
 from prometheus_client.parser import text_string_to_metric_families
 
-from proxy.processes import free_port, started, wait_for
+from proxy.process.children import free_port, started, wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
 IRIS = '{"instances": [[5.1, 3.5, 1.4, 0.2]]}'

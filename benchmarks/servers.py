@@ -21,7 +21,7 @@ from contextlib import ExitStack
 from pathlib import Path
 
 from benchmarks.run import SCRIPTS, cpu_seconds, platform_line, process, wrk
-from proxy.processes import free_port, wait_for
+from proxy.process.children import free_port, wait_for
 from proxy.types import Message, Receive, Scope, Send
 
 SERVERS = ("builtin", "uvicorn")

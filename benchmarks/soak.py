@@ -32,7 +32,7 @@ from pathlib import Path
 import psutil
 
 from benchmarks.run import SCRIPTS, Run, model_args, process, proxy_args, scrape, wrk
-from proxy.processes import free_port, tail, wait_for
+from proxy.process.children import free_port, tail, wait_for
 
 INVOCATIONS = "sagemaker_invocations_total"
 MODEL_ERRORS = "sagemaker_invocation_model_errors_total"

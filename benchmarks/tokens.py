@@ -4,7 +4,7 @@
 
 The wrk benchmark compares a proxy that counts tokens with one that does not, but on a shared machine
 two identical proxies differ by several percent from run to run, which is more than counting costs.
-This times the counter itself (proxy.tokens.StreamTokens) on the example model's OpenAI-compatible
+This times the counter itself (proxy.invocation.tokens.StreamTokens) on the example model's OpenAI-compatible
 stream of 10 tokens, without and with the usage chunk that ``stream_options.include_usage`` asks for,
 the two ways the request path hands it over: the whole stream at once (it came with its head, in one read) and its
 chunks gathered in one batch (they came one by one). Prints microseconds per stream.
@@ -19,7 +19,7 @@ import timeit
 from functools import partial
 
 from example_model import chat
-from proxy.tokens import StreamTokens
+from proxy.invocation.tokens import StreamTokens
 from proxy.types import Message
 
 

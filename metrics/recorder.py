@@ -38,7 +38,7 @@ VARIANT_FAMILIES = (
 
 
 class Outcome(Protocol):
-    """What the recorder reads of one ended invocation (the request path's record, ``proxy.app.Invocation``)."""
+    """What the recorder reads of one ended invocation (the request path's record, ``proxy.invocation.app.Invocation``)."""
 
     @property
     def instances(self) -> int: ...
@@ -201,20 +201,8 @@ class InvocationRecorder:
         self._response_size.observe(outcome.response_bytes)
         first_chunk_us = outcome.first_chunk_us
         first_chunk_model_us = outcome.first_chunk_model_us
-        if first_chunk_us is not None and first_chunk_model_us is not None:
-            self._first_chunk.observe(first_chunk_us * US)
-            self._first_chunk_model.observe(first_chunk_model_us * US)
-            self._first_chunk_overhead.observe((first_chunk_us - first_chunk_model_us) * US)
         mid_stream_error = outcome.mid_stream_error
-        if mid_stream_error:
-            self._mid_stream_errors.inc()
-        if outcome.output_tokens:
-            self._output_tokens.inc(outcome.output_tokens)
-        if outcome.input_tokens:
-            self._input_tokens.inc(outcome.input_tokens)
-        per_token = outcome.time_per_output_token_us
-        if per_token is not None:
-            self._time_per_output_token.observe(per_token * US)
+        self._stream_finished(outcome, first_chunk_us, first_chunk_model_us, mid_stream_error)
         stats = self._statistics
         if stats is not None:
             # 0/1 per invocation, so a period's Average is the error rate.
@@ -232,6 +220,22 @@ class InvocationRecorder:
                 add(sets, FIRST_CHUNK, first_chunk_us)
                 add(sets, FIRST_CHUNK_MODEL, first_chunk_model_us)
                 add(sets, FIRST_CHUNK_OVERHEAD, first_chunk_us - first_chunk_model_us)
+
+    def _stream_finished(self, outcome: Outcome, first_chunk_us: int | None, first_chunk_model_us: int | None, mid_stream_error: bool) -> None:
+        """What a streamed or token-counted invocation adds: first chunk, mid-stream errors, tokens."""
+        if first_chunk_us is not None and first_chunk_model_us is not None:
+            self._first_chunk.observe(first_chunk_us * US)
+            self._first_chunk_model.observe(first_chunk_model_us * US)
+            self._first_chunk_overhead.observe((first_chunk_us - first_chunk_model_us) * US)
+        if mid_stream_error:
+            self._mid_stream_errors.inc()
+        if outcome.output_tokens:
+            self._output_tokens.inc(outcome.output_tokens)
+        if outcome.input_tokens:
+            self._input_tokens.inc(outcome.input_tokens)
+        per_token = outcome.time_per_output_token_us
+        if per_token is not None:
+            self._time_per_output_token.observe(per_token * US)
 
     def invocation_ended(self, outcome: Outcome) -> None:
         """Exactly once per invocation that ``invocation_started``."""

@@ -45,16 +45,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command == "serve":
-        from proxy import server
+        from proxy.process import serve
 
         try:
             settings = resolve(args, os.environ)
-            server.run(settings)
+            serve.run(settings)
         except ConfigError as e:
             parser.exit(2, f"{PROG}: error: {e}{_see_help(e, 'serve')}\n")
         return 0
     if args.command == "monitor":
-        from proxy import monitor
+        from proxy.process import monitor
 
         try:
             monitor.run(resolve_monitor(args, os.environ))
@@ -64,7 +64,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "demo":
         if args.requests < 1:
             parser.exit(2, f"{PROG}: error: --requests must be at least 1\n")
-        from proxy import demo
+        from proxy.process import demo
 
         return demo.run(requests=args.requests, keep_running=args.keep_running)
     raise AssertionError(args.command)

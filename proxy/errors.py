@@ -6,6 +6,10 @@ import enum
 import json
 
 
+class ConfigError(ValueError):
+    """A bad configuration value; the message is one line that names the flag (exit code 2, before listening)."""
+
+
 class Fault(enum.Enum):
     """A failure on the request path.
 

@@ -18,6 +18,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from metrics.definitions import DEFAULT_MODEL_LATENCY_BUCKETS, DEFAULT_OVERHEAD_LATENCY_BUCKETS
+from proxy.errors import ConfigError
 
 ENV_PREFIX = "SAGEMAKER_PROXY_"
 # SageMaker's own rule for endpoint and variant names.
@@ -28,10 +29,6 @@ METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
 INSTANCE_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,254}$")
 # Where SageMaker describes a training job's hosts to each of its containers.
 RESOURCE_CONFIG = Path("/opt/ml/input/config/resourceconfig.json")
-
-
-class ConfigError(ValueError):
-    """A bad configuration value; the message is one line that names the flag."""
 
 
 @dataclass(frozen=True)
@@ -243,7 +240,7 @@ def _auth(raw: str) -> str:
 
 
 def _credentials_file(raw: str) -> Path:
-    from proxy.sigv4 import CredentialsFile
+    from proxy.runtime.sigv4 import CredentialsFile
 
     path = Path(raw)
     try:
@@ -251,6 +248,27 @@ def _credentials_file(raw: str) -> Path:
     except OSError as e:
         raise ValueError(f"cannot read {raw}: {e.strerror or e}") from None
     return path
+
+
+class _File:
+    """Checks of one configuration file, each failure one line that names the file and the key."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def check(self, ok: bool, where: str, what: str) -> None:
+        if not ok:
+            raise ValueError(f"{self.path}: {where} {what}")
+
+    def known(self, table: dict[str, Any], keys: set[str], where: str) -> None:
+        unknown = sorted(set(table) - keys)
+        self.check(not unknown, f"{where}.{unknown[0] if unknown else ''}", f"is not a key here (known: {', '.join(sorted(keys))})")
+
+    def name(self, value: object, where: str) -> None:
+        try:
+            _name(value if isinstance(value, str) else "")
+        except ValueError as e:
+            self.check(False, where, str(e))
 
 
 def _config(raw: str) -> tuple[EndpointConfig, ...]:
@@ -274,67 +292,57 @@ def _config(raw: str) -> tuple[EndpointConfig, ...]:
         raise ValueError(f"cannot read {raw}: {e.strerror or e}") from None
     except tomllib.TOMLDecodeError as e:
         raise ValueError(f"{raw} is not TOML: {e}") from None
-
-    def check(ok: bool, where: str, what: str) -> None:
-        if not ok:
-            raise ValueError(f"{raw}: {where} {what}")
-
-    def known(table: dict[str, Any], keys: set[str], where: str) -> None:
-        unknown = sorted(set(table) - keys)
-        check(not unknown, f"{where}.{unknown[0] if unknown else ''}", f"is not a key here (known: {', '.join(sorted(keys))})")
-
-    known(document, {"Endpoints"}, "the file")
+    file = _File(raw)
+    file.known(document, {"Endpoints"}, "the file")
     endpoints = document.get("Endpoints")
-    check(isinstance(endpoints, list) and bool(endpoints), "Endpoints", "must be one or more [[Endpoints]] tables")
+    file.check(isinstance(endpoints, list) and bool(endpoints), "Endpoints", "must be one or more [[Endpoints]] tables")
     assert isinstance(endpoints, list)
     out = []
     for i, endpoint in enumerate(endpoints):
         where = f"Endpoints[{i}]"
-        check(isinstance(endpoint, dict), where, "must be a table")
-        known(endpoint, {"EndpointName", "ProductionVariants"}, where)
+        file.check(isinstance(endpoint, dict), where, "must be a table")
+        file.known(endpoint, {"EndpointName", "ProductionVariants"}, where)
         name = endpoint.get("EndpointName")
-        try:
-            _name(name if isinstance(name, str) else "")
-        except ValueError as e:
-            check(False, f"{where}.EndpointName", str(e))
+        file.name(name, f"{where}.EndpointName")
         variants_raw = endpoint.get("ProductionVariants")
-        check(isinstance(variants_raw, list) and bool(variants_raw), f"{where}.ProductionVariants", "must be one or more [[Endpoints.ProductionVariants]] tables")
+        file.check(isinstance(variants_raw, list) and bool(variants_raw), f"{where}.ProductionVariants", "must be one or more [[Endpoints.ProductionVariants]] tables")
         assert isinstance(variants_raw, list)
-        variants = []
-        for j, variant in enumerate(variants_raw):
-            at = f"{where}.ProductionVariants[{j}]"
-            check(isinstance(variant, dict), at, "must be a table")
-            known(variant, {"VariantName", "InitialVariantWeight", "Instances", "InstanceCountFrom", "InitialInstanceCount"}, at)
-            vname = variant.get("VariantName")
-            try:
-                _name(vname if isinstance(vname, str) else "")
-            except ValueError as e:
-                check(False, f"{at}.VariantName", str(e))
-            weight = variant.get("InitialVariantWeight", 1.0)
-            check(isinstance(weight, int | float) and not isinstance(weight, bool) and math.isfinite(weight) and weight > 0,
-                  f"{at}.InitialVariantWeight", f"must be a positive number, got {weight!r}")
-            instances = variant.get("Instances")
-            check(isinstance(instances, list) and bool(instances) and all(isinstance(u, str) for u in instances),
-                  f"{at}.Instances", "must be a list of http://host:port URLs")
-            try:
-                urls = tuple(_upstream(u) for u in instances)
-            except ValueError as e:
-                check(False, f"{at}.Instances", str(e))
-            count_from = None
-            if "InstanceCountFrom" in variant:
-                try:
-                    count_from = _count_source(str(variant["InstanceCountFrom"]))
-                except ValueError as e:
-                    check(False, f"{at}.InstanceCountFrom", str(e))
-            count = variant.get("InitialInstanceCount", len(urls))
-            check(isinstance(count, int) and not isinstance(count, bool) and 1 <= count <= 100_000, f"{at}.InitialInstanceCount", f"must be 1 to 100000, got {count!r}")
-            variants.append(VariantConfig(vname, urls, float(weight), count_from, count))
+        variants = [_config_variant(file, variant, f"{where}.ProductionVariants[{j}]") for j, variant in enumerate(variants_raw)]
         names = [v.name for v in variants]
-        check(len(set(names)) == len(names), f"{where}.ProductionVariants", f"need distinct VariantNames, got {', '.join(names)}")
+        file.check(len(set(names)) == len(names), f"{where}.ProductionVariants", f"need distinct VariantNames, got {', '.join(names)}")
         out.append(EndpointConfig(name, tuple(variants)))
     names = [e.name for e in out]
-    check(len(set(names)) == len(names), "Endpoints", f"need distinct EndpointNames, got {', '.join(names)}")
+    file.check(len(set(names)) == len(names), "Endpoints", f"need distinct EndpointNames, got {', '.join(names)}")
     return tuple(out)
+
+
+def _config_variant(file: _File, variant: object, at: str) -> VariantConfig:
+    """One [[Endpoints.ProductionVariants]] table."""
+    file.check(isinstance(variant, dict), at, "must be a table")
+    assert isinstance(variant, dict)
+    file.known(variant, {"VariantName", "InitialVariantWeight", "Instances", "InstanceCountFrom", "InitialInstanceCount"}, at)
+    vname = variant.get("VariantName")
+    file.name(vname, f"{at}.VariantName")
+    weight = variant.get("InitialVariantWeight", 1.0)
+    file.check(isinstance(weight, int | float) and not isinstance(weight, bool) and math.isfinite(weight) and weight > 0,
+               f"{at}.InitialVariantWeight", f"must be a positive number, got {weight!r}")
+    instances = variant.get("Instances")
+    file.check(isinstance(instances, list) and bool(instances) and all(isinstance(u, str) for u in instances),
+               f"{at}.Instances", "must be a list of http://host:port URLs")
+    assert isinstance(instances, list)
+    try:
+        urls = tuple(_upstream(u) for u in instances)
+    except ValueError as e:
+        file.check(False, f"{at}.Instances", str(e))
+    count_from = None
+    if "InstanceCountFrom" in variant:
+        try:
+            count_from = _count_source(str(variant["InstanceCountFrom"]))
+        except ValueError as e:
+            file.check(False, f"{at}.InstanceCountFrom", str(e))
+    count = variant.get("InitialInstanceCount", len(urls))
+    file.check(isinstance(count, int) and not isinstance(count, bool) and 1 <= count <= 100_000, f"{at}.InitialInstanceCount", f"must be 1 to 100000, got {count!r}")
+    return VariantConfig(str(vname), urls, float(weight), count_from, count)
 
 
 def _host_index(raw: str) -> int:

@@ -10,7 +10,7 @@ import httpx
 import pytest
 from prometheus_client import CollectorRegistry
 
-from proxy.admin import READY_CACHE_S, create_admin_app
+from proxy.process.admin import READY_CACHE_S, create_admin_app
 from proxy.types import Body, Headers
 
 

@@ -11,10 +11,11 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from metrics.recorder import InvocationMetrics, InvocationRecorder
-from proxy.app import ProxyApp, Variant
 from proxy.errors import REJECT_REASONS, UPSTREAM_ERROR_REASONS, Fault, UpstreamError
-from proxy.instances import StaticInstanceCount
+from proxy.invocation.app import ProxyApp
 from proxy.types import Headers, Message
+from proxy.upstream.instances import StaticInstanceCount
+from proxy.upstream.variants import Variant
 
 MS = 1_000_000  # nanoseconds
 

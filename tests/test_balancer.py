@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from proxy.balancer import BalancedClient, HealthCheck, HealthyInstanceCount
 from proxy.errors import Fault, UpstreamError
+from proxy.upstream.balancer import BalancedClient, HealthCheck, HealthyInstanceCount
 from tests.conftest import Running, free_port, start
 
 pytestmark = pytest.mark.e2e

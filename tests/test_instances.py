@@ -9,7 +9,13 @@ from pathlib import Path
 import boto3
 import pytest
 
-from proxy.instances import DnsInstanceCount, FileInstanceCount, SageMakerInstanceCount, StaticInstanceCount, resolve_addresses
+from proxy.upstream.instances import (
+    DnsInstanceCount,
+    FileInstanceCount,
+    SageMakerInstanceCount,
+    StaticInstanceCount,
+    resolve_addresses,
+)
 from tests.conftest import Running
 
 

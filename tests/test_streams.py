@@ -82,7 +82,7 @@ def test_openai_stream_tokens_and_time_per_token(model: Running, start_proxy: Ca
 
 
 def test_a_long_stream_is_counted_in_batches_with_the_same_result(model: Running, start_proxy: Callable[..., Proxy]) -> None:
-    """100 tokens 5 ms apart: more chunks than one batch of the token counter holds (proxy.tokens.TOKEN_BATCH_CHUNKS)."""
+    """100 tokens 5 ms apart: more chunks than one batch of the token counter holds (proxy.invocation.tokens.TOKEN_BATCH_CHUNKS)."""
     proxy = start_proxy(model.url, *CHAT)
     body = {"messages": [{"role": "user", "content": "go"}], "max_tokens": 100, "stream": True, "stream_options": {"include_usage": True}}
     _, _, raw = stream(f"{proxy.url}/v1/chat/completions", body, {"X-Test-Stream-Interval-Ms": "5"})

@@ -7,7 +7,7 @@ import re
 
 import pytest
 
-from proxy.tokens import StreamTokens, json_usage
+from proxy.invocation.tokens import StreamTokens, json_usage
 
 
 def event(payload: object) -> bytes:

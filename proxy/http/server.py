@@ -324,6 +324,23 @@ class _Cycle:
                 callback()
 
 
+
+def _target(url: bytes, method: str) -> tuple[bytes, bytes]:
+    """The path and query of a request target; the authority of an absolute-form target is never used: only
+    the configured model is contacted."""
+    if url[:1] == b"/":
+        raw_path, _, query = url.partition(b"?")
+        return raw_path, query
+    if method == "CONNECT":
+        return b"/", b""
+    if url == b"*" and method == "OPTIONS":
+        return b"*", b""  # the server as a whole (RFC 9110 7.1)
+    try:
+        parsed = httptools.parse_url(url)
+    except httptools.HttpParserInvalidURLError:
+        raise _Refusal(Fault.MALFORMED_REQUEST) from None
+    return parsed.path or b"/", parsed.query or b""
+
 class _Connection(asyncio.Protocol):
     """One client connection: parses requests with llhttp and runs the app for each, in order.
 
@@ -579,19 +596,7 @@ class _Connection(asyncio.Protocol):
             raise _Refusal(Fault.MALFORMED_REQUEST)
         method_bytes = parser.get_method()
         method = METHODS.get(method_bytes) or method_bytes.decode("ascii")
-        url = self.url
-        if url[:1] == b"/":
-            raw_path, _, query = url.partition(b"?")
-        elif method == "CONNECT":
-            raw_path, query = b"/", b""  # the authority is never used: only the configured model is contacted
-        elif url == b"*" and method == "OPTIONS":
-            raw_path, query = b"*", b""  # the server as a whole (RFC 9110 7.1)
-        else:
-            try:
-                parsed = httptools.parse_url(url)
-            except httptools.HttpParserInvalidURLError:
-                raise _Refusal(Fault.MALFORMED_REQUEST) from None
-            raw_path, query = parsed.path or b"/", parsed.query or b""
+        raw_path, query = _target(self.url, method)
         upgrading = self.upgrade is not None and parser.should_upgrade()
         if upgrading and method != "CONNECT" and b"websocket" in (self.upgrade or b""):
             raise _Refusal(Fault.UPGRADE_REFUSED)

@@ -23,7 +23,8 @@ from prometheus_client import CollectorRegistry, Counter
 from proxy.types import Headers, Scope
 
 if TYPE_CHECKING:
-    from proxy.app import Invocation, Variant
+    from proxy.invocation.record import Invocation
+    from proxy.upstream.variants import Variant
 
 log = logging.getLogger("proxy.tracing")
 
@@ -50,7 +51,7 @@ class Tracing:
             from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExportResult
             from opentelemetry.trace import SpanKind, Status, StatusCode, set_span_in_context
         except ImportError as e:
-            from proxy.settings import ConfigError
+            from proxy.errors import ConfigError
 
             raise ConfigError(f"tracing needs the otel extra: pip install 'sagemaker-metrics-proxy[otel]' ({e})") from None
         self._extract, self._inject = extract, inject
@@ -98,9 +99,12 @@ class Tracing:
 
     # -- the request path ---------------------------------------------------------------------------------
 
-    def begin(self, scope: Scope, record: Invocation, variant: Variant, headers: Headers, wall_ns: int) -> tuple[Any, Any]:
-        """The SERVER span (from the request's arrival, ``wall_ns``) and the CLIENT span for the model call;
-        ``headers`` (the model's) get the CLIENT span's context instead of the client's."""
+    def begin(self, scope: Scope, record: Invocation, variant: Variant, headers: Headers, now_ns: int) -> tuple[Any, Any, int]:
+        """The SERVER span (from the request's arrival, ``record.t_in``) and the CLIENT span for the model call,
+        with what turns the clock's readings (``now_ns`` is one) into Unix time; ``headers`` (the model's) get the
+        CLIENT span's context instead of the client's. The record gets the trace and the SERVER span's ids."""
+        offset = self.wall_offset(now_ns)
+        wall_ns = record.t_in + offset
         carrier = {n.decode("latin-1"): v.decode("latin-1") for n, v in scope["headers"] if n in PROPAGATED}
         parent = self._extract(carrier)
         method = scope["method"]
@@ -127,11 +131,14 @@ class Tracing:
         headers.extend((n.encode(), v.encode()) for n, v in outgoing.items())
         if "baggage" not in outgoing and "baggage" in carrier:
             headers.append((b"baggage", carrier["baggage"].encode("latin-1")))
-        return server, client_span
+        context = server.get_span_context()
+        record.trace_id, record.span_id = format(context.trace_id, "032x"), format(context.span_id, "016x")
+        return server, client_span, offset
 
-    def end(self, spans: tuple[Any, Any], record: Invocation, endpoint: str, wall_offset_ns: int) -> None:
+    def end(self, spans: tuple[Any, Any, int], record: Invocation) -> None:
         """Both spans, with the invocation's outcome, ended at the clock points the record holds."""
-        server, client_span = spans
+        server, client_span, wall_offset_ns = spans
+        endpoint = record.endpoint
         fault = record.fault
         model_error = (fault.invocation and fault.status is not None) if fault is not None else not 200 <= record.status < 300
         status = (fault.status or 499) if fault is not None else record.status

@@ -12,9 +12,9 @@ import socket
 
 from prometheus_client import CollectorRegistry
 
-from proxy.admin import create_admin_app
-from proxy.background import Background, Host, training_host
-from proxy.server import bind, listener, setup_logging, stop_on_signals
+from proxy.process.admin import create_admin_app
+from proxy.process.background import Background, Host, training_host
+from proxy.process.serve import bind, listener, setup_logging, stop_on_signals
 from proxy.settings import MonitorSettings
 
 log = logging.getLogger("proxy")

@@ -26,17 +26,17 @@ from metrics.inflight import InFlight, SharedInFlight
 from metrics.inmemory import SharedFiles
 from metrics.recorder import InvocationMetrics
 from metrics.statistics import PeriodStatistics
-from proxy.admin import create_admin_app
-from proxy.app import ProxyApp
-from proxy.background import Background, Host, Stream, endpoint_host
 from proxy.errors import Fault
 from proxy.http.server import HttpServer, Limits
+from proxy.invocation.app import ProxyApp
+from proxy.invocation.tracing import Tracing
+from proxy.invocation.tracing import wanted as tracing_wanted
+from proxy.process.admin import create_admin_app
+from proxy.process.background import Background, Host, Stream, endpoint_host
+from proxy.process.variant_set import VariantSet, build_variants
+from proxy.runtime.sigv4 import CredentialsFile
 from proxy.settings import ConfigError, MonitorSettings, Settings
-from proxy.sigv4 import CredentialsFile
-from proxy.tracing import Tracing
-from proxy.tracing import wanted as tracing_wanted
 from proxy.types import DISCONNECT_EXTENSION, ASGIApp
-from proxy.variants import VariantSet, build_variants
 
 log = logging.getLogger("proxy")
 LOG_ORDER = ("debug", "info", "warning", "error", "critical")

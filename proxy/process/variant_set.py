@@ -10,11 +10,11 @@ from typing import Any
 from metrics.inflight import InFlight
 from metrics.recorder import InvocationMetrics, InvocationRecorder
 from metrics.statistics import PeriodStatistics
-from proxy.app import Variant
-from proxy.balancer import BalancedClient, HealthCheck, HealthyInstanceCount
 from proxy.errors import REJECT_REASONS, UPSTREAM_ERROR_REASONS
 from proxy.http.client import ConnectionPool, ModelClient
-from proxy.instances import (
+from proxy.settings import Settings, VariantConfig
+from proxy.upstream.balancer import BalancedClient, HealthCheck, HealthyInstanceCount
+from proxy.upstream.instances import (
     DnsInstanceCount,
     FileInstanceCount,
     InstanceCountSource,
@@ -22,7 +22,7 @@ from proxy.instances import (
     StaticInstanceCount,
     sagemaker_client,
 )
-from proxy.settings import Settings, VariantConfig
+from proxy.upstream.variants import Variant
 
 
 class VariantSet:

@@ -15,7 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 from prometheus_client.parser import text_string_to_metric_families
 
 from metrics import definitions as d
-from proxy.processes import free_port, started, wait_for
+from proxy.process.children import free_port, started, wait_for
 
 ROWS = [[5.1, 3.5, 1.4, 0.2], [6.7, 3.0, 5.2, 2.3], [5.9, 3.0, 4.2, 1.5]]
 CONCURRENCY = 8
@@ -116,8 +116,45 @@ def _table(samples: dict[str, list[tuple[dict[str, str], float]]]) -> list[str]:
     return lines
 
 
-def run(*, requests: int, keep_running: bool) -> int:
+def _drive(proxy_port: int, metrics_port: int, requests: int) -> None:
+    """Sends the mix, a few at a time, redrawing the table from /metrics as the answers come."""
     tty = sys.stdout.isatty()
+    rng = random.Random(7)
+    mix = [_request_mix(rng) for _ in range(requests)]
+    done = 0
+    lock = threading.Lock()
+
+    def one(request: tuple[str, bytes, dict[str, str]]) -> None:
+        nonlocal done
+        _send(proxy_port, request)
+        with lock:
+            done += 1
+
+    drawn = 0
+    with ThreadPoolExecutor(CONCURRENCY) as pool:
+        futures = [pool.submit(one, r) for r in mix]
+        while True:
+            finished = all(f.done() for f in futures)
+            width = min(shutil.get_terminal_size().columns, 100) - 30
+            table = _table(_scrape(metrics_port))  # scraped first: an invocation counted there has been answered
+            filled = int(width * done / requests)
+            lines = [f"  [{'#' * filled}{'.' * (width - filled)}] {done}/{requests} requests answered", "", *table]
+            if tty:
+                if drawn:
+                    sys.stdout.write(f"\x1b[{drawn}F")
+                sys.stdout.write("".join(f"{line}\x1b[K\n" for line in lines))
+                sys.stdout.flush()
+                drawn = len(lines)
+            elif finished:
+                print("\n".join(lines))
+            if finished:
+                break
+            time.sleep(0.25)
+        for f in futures:
+            f.result()
+
+
+def run(*, requests: int, keep_running: bool) -> int:
     model_port, proxy_port, metrics_port = free_port(), free_port(), free_port()
     model_args = ["-m", "example_model", "--host", "127.0.0.1", "--port", str(model_port), "--test-knobs"]
     proxy_args = [
@@ -129,40 +166,7 @@ def run(*, requests: int, keep_running: bool) -> int:
     with started([sys.executable, *model_args], model_port, "demo: the example model"), \
             started([sys.executable, *proxy_args], metrics_port, "demo: the proxy") as proxy:
         wait_for(proxy_port, proxy, "demo: the proxy")
-        rng = random.Random(7)
-        mix = [_request_mix(rng) for _ in range(requests)]
-        done = 0
-        lock = threading.Lock()
-
-        def one(request: tuple[str, bytes, dict[str, str]]) -> None:
-            nonlocal done
-            _send(proxy_port, request)
-            with lock:
-                done += 1
-
-        drawn = 0
-        with ThreadPoolExecutor(CONCURRENCY) as pool:
-            futures = [pool.submit(one, r) for r in mix]
-            while True:
-                finished = all(f.done() for f in futures)
-                width = min(shutil.get_terminal_size().columns, 100) - 30
-                table = _table(_scrape(metrics_port))  # scraped first: an invocation counted there has been answered
-                filled = int(width * done / requests)
-                lines = [f"  [{'#' * filled}{'.' * (width - filled)}] {done}/{requests} requests answered", "", *table]
-                if tty:
-                    if drawn:
-                        sys.stdout.write(f"\x1b[{drawn}F")
-                    sys.stdout.write("".join(f"{line}\x1b[K\n" for line in lines))
-                    sys.stdout.flush()
-                    drawn = len(lines)
-                elif finished:
-                    print("\n".join(lines))
-                if finished:
-                    break
-                time.sleep(0.25)
-            for f in futures:
-                f.result()
-
+        _drive(proxy_port, metrics_port, requests)
         print(
             "\nThe mix: good predictions with 2-30 ms of model time, bad input (the model's 400: a 4XX error),"
             f" model failures (500: a 5XX error), calls past the {TIMEOUT_S:g} s --invocation-timeout (the proxy answers 504;"

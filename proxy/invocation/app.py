@@ -1,0 +1,328 @@
+"""The request path: accept, forward, stream back, record, as named phases around one invocation record.
+
+Every clock point of DESIGN.md section 4 is stamped here, on the record (``proxy.invocation.record``):
+``t_in`` as the app is called, ``t_send`` just before the model call, ``t_head`` and ``t_done`` as the model's
+answer arrives and ends, ``t_out`` once the last byte went to the server. Everything else reads the record
+afterwards: the recorder, spans, the access log. Per-chunk measurements are observers
+(``proxy.invocation.observers``); the Runtime API is a front (``proxy.invocation.front``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from proxy.errors import Fault, UpstreamError
+from proxy.http.client import GATHER_BYTES, ModelResponse
+from proxy.invocation.access import log_access
+from proxy.invocation.front import Front, RuntimeFront
+from proxy.invocation.guard import Deadlines, Guard
+from proxy.invocation.headers import request_headers
+from proxy.invocation.record import Invocation
+from proxy.invocation.stream import stream_back
+from proxy.invocation.tracing import Tracing
+from proxy.runtime import api, sigv4
+from proxy.types import FAULT_KEY, Body, Headers, Message, Receive, Scope, Send, body_size
+from proxy.upstream.variants import Endpoint, Variant
+
+log = logging.getLogger("proxy")
+
+
+@dataclass(frozen=True, slots=True)
+class _Forward:
+    """What goes to the model: decided in the accept phase, sent in the forward phase."""
+
+    method: bytes
+    target: bytes
+    headers: Headers
+    body: Body
+
+
+class ProxyApp:
+    """The ASGI application on the proxy port: every request goes to a model; invocations are recorded.
+
+    With several variants, ``X-Amzn-SageMaker-Target-Variant`` picks one, else their weights do.
+    """
+
+    def __init__(
+        self,
+        *,
+        variants: Sequence[Variant],
+        invocation_routes: frozenset[tuple[str, str]],
+        max_payload_bytes: int,
+        invocation_timeout: float,
+        client_write_timeout: float = 60.0,
+        max_concurrency: int = 0,
+        record: bool = True,
+        count_tokens: bool = True,
+        endpoint_name: str = "",
+        endpoints: Mapping[str, Sequence[Variant]] | None = None,
+        auth: sigv4.CredentialsFile | None = None,
+        log_access: bool = False,
+        tracing: Tracing | None = None,
+        clock: Callable[[], int] = time.perf_counter_ns,
+        random: Callable[[], float] = random.random,
+    ) -> None:
+        """``variants`` are the endpoint ``endpoint_name``'s; ``endpoints`` (name: variants), when given, are
+        all the endpoints, the first also served on the native routes."""
+        self._endpoints = {name: Endpoint(name, vs) for name, vs in (endpoints or {endpoint_name: variants}).items()}
+        self._first = next(iter(self._endpoints.values()))
+        self._random = random
+        self._routes = invocation_routes
+        self._max_payload = max_payload_bytes
+        self._deadlines = Deadlines(invocation_timeout, client_write_timeout)
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._max_concurrency = max_concurrency  # 0: no limit
+        self._in_flight = 0  # requests forwarded and not yet answered, all variants
+        self._record = record
+        self._count_tokens = count_tokens  # off only to measure what counting costs (benchmarks)
+        self._auth = auth  # SigV4 on the Runtime API
+        self._log_access = log_access  # one line per forwarded request (--access-log)
+        self._tracing = tracing  # None: no tracing, and nothing of it on the request path
+        self._reachability = _Reachability()
+        # The Runtime API: where the model takes invocations.
+        self._model_path = next((p for m, p in sorted(invocation_routes) if m == "POST"), "/invocations").encode()
+        self._clock = clock
+
+    def shutdown(self) -> None:
+        """At exit, after the drain: the spans still queued go to the collector."""
+        if self._tracing is not None:
+            self._tracing.shutdown()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return  # lifespan is handled by the server; websockets are refused by returning
+        record = Invocation(self._clock())
+        front: Front
+        endpoint = self._first
+        path: str = scope["path"]
+        call = api.target(path) if path[:11] == "/endpoints/" else None
+        if call is None:
+            front = Front(send)
+        else:
+            # The SageMaker Runtime API: the same phases, its shapes on the way in and out.
+            front = RuntimeFront(send, call)
+            named = self._endpoints.get(call.endpoint)
+            if named is None:
+                for message in api.unknown_endpoint(call.endpoint):
+                    await send(message)
+                return
+            endpoint = named
+        request = await self._accept(scope, receive, front, record, endpoint)
+        if request is not None:
+            await self._invoke(request, record, scope, receive, front)
+
+    # -- phase 1: accept, validate, choose the variant, read the body -------------------------------
+
+    async def _accept(self, scope: Scope, receive: Receive, front: Front, record: Invocation, endpoint: Endpoint) -> _Forward | None:
+        """The request to forward, or None once it was refused (answered and counted)."""
+        method: str = scope["method"]
+        headers, declared, target_variant = request_headers(scope)
+        refusal = _head_refusal(scope, front, declared, self._max_payload)
+        if refusal is not None:
+            await self._refuse(front, *refusal, variant=endpoint.default)
+            return None
+        target, headers, route = front.model_request(scope, headers, self._model_path)
+        variant = endpoint.choose(target_variant, self._random)
+        authenticate = front.signed and self._auth is not None  # then nothing is told before the signature is checked
+        if variant is None and not authenticate:
+            await self._refuse_variant(front, target_variant, endpoint)
+            return None
+        body = await read_body(receive, self._max_payload)
+        if isinstance(body, Fault):
+            await self._refuse(front, body, variant=variant or endpoint.default)
+            return None
+        if authenticate:
+            assert self._auth is not None
+            signed = await front.authenticated(scope, body, target_variant is not None, self._auth)
+            if signed is None:
+                (variant or endpoint.default).recorder.rejected(Fault.AUTH_FAILED.reason)
+                return None
+            headers = [headers[0], *signed]
+            if variant is None:
+                await self._refuse_variant(front, target_variant, endpoint)
+                return None
+        assert variant is not None
+        if not variant.client.ready():
+            await self._refuse(front, Fault.NO_LIVE_INSTANCE, variant=variant)
+            return None
+        if self._max_concurrency and self._in_flight >= self._max_concurrency:
+            await self._refuse(front, Fault.OVER_CAPACITY, variant=variant)
+            return None
+        headers[0] = (b"host", variant.client.authority)
+        record.variant = variant
+        record.endpoint = endpoint.name
+        record.counted = self._record and (route is None or (method, route) in self._routes)
+        record.request_bytes = body_size(body)
+        return _Forward(method.encode(), target, headers, body)
+
+    # -- phase 2: forward; then record, exactly once -----------------------------------------------------
+
+    async def _invoke(self, request: _Forward, record: Invocation, scope: Scope, receive: Receive, front: Front) -> None:
+        variant = record.variant
+        assert variant is not None
+        clock = self._clock
+        loop = self._loop
+        if loop is None or not loop.is_running():
+            # asyncio.get_running_loop() makes a getpid() system call each time (a fork check): once per loop here.
+            loop = self._loop = asyncio.get_running_loop()
+        guard = Guard(loop, self._deadlines, scope, receive)
+        if record.counted:
+            record.instances = variant.instances.current()
+            variant.recorder.invocation_started()
+        tracing = self._tracing
+        spans = tracing.begin(scope, record, variant, request.headers, clock()) if tracing is not None else None
+        response: ModelResponse | None = None
+        self._in_flight += 1
+        try:
+            record.t_send = clock()
+            try:
+                response = await variant.client.request(request.method, request.target, request.headers, request.body)
+            except UpstreamError as e:
+                record.t_done = clock()
+                record.fault = e.fault
+                guard.stop()
+                self._reachability.failed(variant, e, record)
+                await self._refuse(front, e.fault, server_timing=record.server_timing(), variant=variant)
+                return
+            record.t_head = clock()
+            record.status = response.status
+            self._reachability.answered(variant)
+            await stream_back(response, record, front.send, guard, self._clock, self._count_tokens)
+        except UpstreamError as e:
+            # The model failed after the head was sent: the client's connection must be aborted,
+            # unless the front ends its answer in its own way (a Runtime API stream's error event).
+            record.t_done = clock()
+            record.fault = e.fault
+            if not await front.broke(e.fault):
+                raise
+        except asyncio.CancelledError:
+            if guard.fault is None:
+                raise  # the server is shutting down
+            asyncio.current_task().uncancel()  # type: ignore[union-attr]
+            await self._cancelled(guard.fault, record, front)
+        except Exception:
+            record.t_done = clock()
+            record.fault = Fault.INTERNAL
+            log.exception("internal error while proxying %s %s", scope["method"], scope["path"])
+            if record.responded:
+                raise
+            await self._refuse(front, Fault.INTERNAL, variant=variant)
+        finally:
+            self._in_flight -= 1
+            guard.stop()
+            if response is not None:
+                response.close()
+            self._ended(scope, record, spans)
+
+    async def _cancelled(self, fault: Fault, record: Invocation, front: Front) -> None:
+        """The guard cancelled the call: the client went away (nothing to answer), or the model overran its timeout."""
+        if fault is Fault.CLIENT_DISCONNECT:
+            record.fault = fault
+            return
+        record.t_done = self._clock()
+        record.fault = Fault.UPSTREAM_TIMEOUT
+        if not record.responded:
+            await self._refuse(front, Fault.UPSTREAM_TIMEOUT, server_timing=record.server_timing(), variant=record.variant)
+        elif not await front.broke(Fault.UPSTREAM_TIMEOUT):
+            raise UpstreamError(Fault.UPSTREAM_TIMEOUT) from None
+
+    def _ended(self, scope: Scope, record: Invocation, spans: tuple[Any, Any, int] | None) -> None:
+        """Record: the metrics, the spans and the access line, each read from the record, once."""
+        if not record.t_out:  # else the answer went out before its tokens were counted
+            record.t_out = self._clock()
+        if spans is not None:
+            assert self._tracing is not None
+            self._tracing.end(spans, record)
+        if record.counted:
+            assert record.variant is not None
+            record.variant.recorder.invocation_ended(record)
+        if self._log_access:
+            log_access(scope, record)
+
+    # -- refusals ---------------------------------------------------------------------------------------
+
+    async def _refuse_variant(self, front: Front, asked_for: bytes | None, endpoint: Endpoint) -> None:
+        asked = (asked_for or b"").decode("latin-1")[:80]
+        message = f"no production variant {asked!r}; this endpoint has {endpoint.known()}"
+        await self._refuse(front, Fault.UNKNOWN_VARIANT, message, variant=endpoint.default)
+
+    async def _refuse(
+        self, front: Front, fault: Fault, message: str | None = None, *, server_timing: bytes | None = None, variant: Variant | None = None
+    ) -> None:
+        """Answer with the fault's status and a short error; count refusals of requests never forwarded.
+
+        A refusal before the variant is known is counted on the first variant."""
+        variant = variant or self._first.default
+        if not fault.invocation:
+            variant.recorder.rejected(fault.reason)
+        if fault.status is not None:
+            await front.refuse(fault, message or fault.message, server_timing, variant.name)
+
+
+class _Reachability:
+    """Says once when a variant's model stops taking connections, and once when it answers again."""
+
+    __slots__ = ("_unreachable",)
+
+    def __init__(self) -> None:
+        self._unreachable: set[str] = set()
+
+    def failed(self, variant: Variant, error: UpstreamError, record: Invocation) -> None:
+        log.debug("model call failed: %s", error)
+        if error.fault is Fault.UPSTREAM_CONNECT and variant.name not in self._unreachable:
+            self._unreachable.add(variant.name)
+            log.warning(
+                "the model of variant %s is unreachable (%s): each call gets 502 until it answers; said once, and again when it is back%s",
+                variant.name, error, f" (trace_id={record.trace_id} span_id={record.span_id})" if record.trace_id is not None else "",
+            )
+
+    def answered(self, variant: Variant) -> None:
+        if self._unreachable and variant.name in self._unreachable:
+            self._unreachable.discard(variant.name)
+            log.warning("the model of variant %s answers again", variant.name)
+
+
+def _head_refusal(scope: Scope, front: Front, declared: int | None, max_payload: int) -> tuple[Fault, str | None] | None:
+    """Why a request is refused from its head alone (a tunnel, a target that is not a path, a method the front
+    does not take, a declared body over the max payload); None when it is not."""
+    method: str = scope["method"]
+    if method == "CONNECT":
+        return Fault.METHOD_NOT_ALLOWED, None
+    if not (scope.get("raw_path") or scope["path"].encode()).startswith(b"/"):
+        return Fault.MALFORMED_REQUEST, "request target must be a path"
+    refusal = front.method_refusal(method)
+    if refusal is not None:
+        return Fault.METHOD_NOT_ALLOWED, refusal
+    if declared is not None and declared > max_payload:
+        return Fault.PAYLOAD_TOO_LARGE, None
+    return None
+
+
+async def read_body(receive: Receive, max_payload: int) -> Body | Fault:
+    """The whole request body, bounded by the max payload: a slow uploader costs overhead, not model time.
+
+    A large body stays in the chunks it came in, which go to the model in one gathered write: no copy here."""
+    message: Message = await receive()
+    if message["type"] == "http.disconnect":
+        return message.get(FAULT_KEY, Fault.CLIENT_DISCONNECT_EARLY)
+    body: bytes = message.get("body", b"")
+    if not message.get("more_body", False):
+        return body if len(body) <= max_payload else Fault.PAYLOAD_TOO_LARGE
+    chunks = [body]
+    size = len(body)
+    while message.get("more_body", False):
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return message.get(FAULT_KEY, Fault.CLIENT_DISCONNECT_EARLY)
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > max_payload:
+            return Fault.PAYLOAD_TOO_LARGE
+        chunks.append(chunk)
+    return chunks if size >= GATHER_BYTES else b"".join(chunks)

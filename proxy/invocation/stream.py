@@ -1,0 +1,69 @@
+"""Phase 3 of the request path: the model's response back to the client, timed as it goes.
+
+ModelLatency stops counting while a write to the client blocks (``record.blocked_ns``); the invocation timeout
+then gives way to the client's write timeout (``Guard.writing``). Per-chunk measurements are observers
+(``proxy.invocation.observers``), chosen once per response."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from proxy.http.client import ModelResponse
+from proxy.invocation import observers
+from proxy.invocation.guard import Guard
+from proxy.invocation.headers import response_headers
+from proxy.invocation.record import Invocation
+from proxy.types import Send
+
+
+async def stream_back(
+    response: ModelResponse, record: Invocation, send: Send, guard: Guard, clock: Callable[[], int], count_tokens: bool
+) -> None:
+    """The model's response to the client: whole if it is in already, else chunk by chunk as it comes.
+
+    Time blocked in ``send()`` before the model's last byte is the client's, not the model's; the
+    observers chosen for the response look at each chunk as it passes."""
+    assert record.variant is not None
+    headers = response_headers(response.status, response.headers, record.server_timing(), record.variant.name)
+    start = {"type": "http.response.start", "status": response.status, "headers": headers}
+    record.responded = True
+    watching = observers.for_response(response, record, count_tokens)
+    chunk = response.take_buffered()
+    if response.complete:
+        record.t_done = arrived = record.t_head
+        guard.stop()
+        record.response_bytes = len(chunk)
+        await send(start)
+        t0 = clock() if watching else 0
+        await send({"type": "http.response.body", "body": chunk})
+        record.t_out = clock()
+    else:
+        await send(start)
+        record.blocked_ns += clock() - record.t_head
+        arrived = record.t_head  # when the chunk in hand came from the model
+        while True:
+            if chunk:
+                record.response_bytes += len(chunk)
+                for o in watching:
+                    o.arrived(record, chunk, arrived)
+                t0 = clock()
+                guard.writing()
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                record.blocked_ns += clock() - t0
+                guard.rearm()
+                for o in watching:
+                    o.sent(record, chunk, t0)
+            chunk = await response.read()
+            if not chunk:
+                break
+            arrived = clock()
+        record.t_done = clock()
+        guard.stop()
+        await send({"type": "http.response.body", "body": b""})
+        record.t_out = clock()
+        chunk = b""  # every chunk was seen on the way
+    for o in watching:  # after the answer went out: the client does not wait for them
+        if chunk:
+            o.arrived(record, chunk, arrived)
+            o.sent(record, chunk, t0)
+        o.ended(record, arrived)

@@ -1,0 +1,52 @@
+"""Where a call goes: an endpoint's production variants, and how a request picks one (by name, else by weight)."""
+
+from __future__ import annotations
+
+import bisect
+import itertools
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from metrics.recorder import InvocationRecorder
+from proxy.http.client import ModelClient
+from proxy.upstream.instances import InstanceCountSource
+
+
+@dataclass(frozen=True)
+class Variant:
+    """A production variant: its model instances, its live count, its metrics, its share of the traffic."""
+
+    name: str
+    client: ModelClient
+    recorder: InvocationRecorder
+    instances: InstanceCountSource
+    weight: float = 1.0
+
+
+class Endpoint:
+    """One endpoint's production variants, and how a request picks one: by name, else by weight."""
+
+    __slots__ = ("choices", "cumulative", "default", "name", "variants")
+
+    def __init__(self, name: str, variants: Sequence[Variant]) -> None:
+        if not variants:
+            raise ValueError("at least one variant is needed")
+        self.name = name
+        self.variants = {v.name.encode(): v for v in variants}
+        self.default = variants[0]  # where refusals before a variant is chosen are counted
+        self.choices = list(variants) if len(variants) > 1 else []
+        total = sum(v.weight for v in variants)
+        self.cumulative = list(itertools.accumulate(v.weight / total for v in variants))
+
+    def choose(self, target: bytes | None, random: Callable[[], float]) -> Variant | None:
+        """The variant for this request; None for an unknown target variant."""
+        if target is not None:
+            return self.variants.get(target)
+        if not self.choices:
+            return self.default
+        i = bisect.bisect_right(self.cumulative, random())
+        return self.choices[min(i, len(self.choices) - 1)]
+
+    def known(self) -> str:
+        """The variants' names, for an error that names what there is."""
+        return ", ".join(v.name for v in self.variants.values())
