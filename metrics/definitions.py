@@ -162,6 +162,15 @@ CLIENT_DISCONNECTS = MetricDefinition(
     "sagemaker_proxy_client_disconnects_total", Kind.COUNTER,
     "Invocations abandoned because the client disconnected while the model was working.",
 )
+MODEL_SETUP_TIME = MetricDefinition(
+    "sagemaker_model_setup_seconds", Kind.GAUGE,
+    "With --model-command: from starting the model to its first healthy ping, the latest start.", "ModelSetupTime", "Microseconds",
+    multiprocess_mode="livemax",
+)
+MODEL_RESTARTS = MetricDefinition(
+    "sagemaker_model_restarts_total", Kind.COUNTER,
+    "With --model-command and --model-restart: times the model was started again after it exited or never became healthy.",
+)
 
 CLOUDWATCH_LAST_SUCCESS = MetricDefinition(
     "sagemaker_proxy_cloudwatch_last_success_timestamp_seconds", Kind.GAUGE,
@@ -238,6 +247,8 @@ ALL_METRICS = (
     UPSTREAM_ERRORS,
     CLIENT_DISCONNECTS,
     INSTANCE_COUNT_ERRORS,
+    MODEL_SETUP_TIME,
+    MODEL_RESTARTS,
     CLOUDWATCH_LAST_SUCCESS,
     CLOUDWATCH_FAILURES,
     CLOUDWATCH_BUFFERED_PERIODS,

@@ -268,3 +268,24 @@ class InvocationRecorder:
 
     def live_instances(self, n: int) -> None:
         self._live_instances.set(n)
+
+
+class ModelLifecycleMetrics:
+    """The model's start-up time and restarts, when the proxy runs the model (``--model-command``): on
+    /metrics, and ModelSetupTime in the variant's CloudWatch statistic sets (``statistics``)."""
+
+    def __init__(self, registry: CollectorRegistry, endpoint_name: str, variant_name: str, statistics: PeriodStatistics | None = None) -> None:
+        f = inmemory.Families(registry, None)
+        self._setup: Any = f.family(d.MODEL_SETUP_TIME, d.VARIANT_LABELS).labels(endpoint_name, variant_name)
+        self._restarts: Any = f.family(d.MODEL_RESTARTS, d.VARIANT_LABELS).labels(endpoint_name, variant_name)
+        self._statistics = statistics
+
+    def set_up(self, elapsed_us: int) -> None:
+        self._setup.set(elapsed_us * US)
+        stats = self._statistics
+        if stats is not None:
+            assert d.MODEL_SETUP_TIME.cloudwatch_name is not None
+            stats.add(stats.current(), d.MODEL_SETUP_TIME.cloudwatch_name, elapsed_us)
+
+    def restarted(self) -> None:
+        self._restarts.inc()

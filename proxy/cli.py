@@ -49,10 +49,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         try:
             settings = resolve(args, os.environ)
-            serve.run(settings)
+            return serve.run(settings)
         except ConfigError as e:
             parser.exit(2, f"{PROG}: error: {e}{_see_help(e, 'serve')}\n")
-        return 0
     if args.command == "monitor":
         from proxy.process import monitor
 

@@ -345,6 +345,12 @@ def _config_variant(file: _File, variant: object, at: str) -> VariantConfig:
     return VariantConfig(str(vname), urls, float(weight), count_from, count)
 
 
+def _command(raw: str) -> str:
+    if not raw.strip():
+        raise ValueError("must be a command line, got an empty one")
+    return raw.strip()
+
+
 def _host_index(raw: str) -> int:
     return _int_between(1, 10_000)(raw.removeprefix("algo-"))
 
@@ -527,6 +533,18 @@ class Settings:
     )
     max_concurrency: int = option("--max-concurrency", _int_between(0, 1_000_000), "requests forwarded at once per process (per worker); beyond it, 503 at once; `0`: no limit", 0)
     ping_path: str = option("--ping-path", _path, "the model's health check, used by `/readyz`", "/ping")
+    model_command: str | None = option(
+        "--model-command", _command,
+        "the model server to start and watch, as a shell command line (e.g. `python -m example_model --port 8081`): its own process group, its output passed through; `/ping` and `/readyz` answer 503 until its ping answers 200; stopped after the drain",
+        None, absent="none: the model runs on its own",
+    )
+    model_setup_timeout: float = option("--model-setup-timeout", _positive_float, "seconds the model may take to answer its first ping (SageMaker allows 8 minutes); then it is stopped and counts as exited", 480.0)
+    model_stop_timeout: float = option("--model-stop-timeout", _positive_float, "seconds the model gets after SIGTERM before SIGKILL", 10.0)
+    model_restart: bool = option(
+        "--model-restart", _bool,
+        "start the model again, with backoff, when it exits on its own (counted in `sagemaker_model_restarts_total`); off: the proxy drains and exits non-zero, so the orchestrator restarts the container",
+        False, absent="off", switch=True,
+    )
     model_latency_buckets: tuple[float, ...] = option(
         "--model-latency-buckets", _buckets, "ModelLatency and first-chunk latency histogram buckets, comma-separated seconds",
         DEFAULT_MODEL_LATENCY_BUCKETS, shown=_seconds(DEFAULT_MODEL_LATENCY_BUCKETS),

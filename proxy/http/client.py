@@ -329,9 +329,12 @@ class ConnectionPool:
         self._loop = loop
         self._idle_timeout = idle_timeout
         self._idle: list[_Connection] = []
+        # Set by the process layer while a model it started is not yet answering its ping; otherwise a failed
+        # call is an invocation that the model failed.
+        self.available = True
 
     def ready(self) -> bool:
-        return True  # one model: a failed call is an invocation that the model failed
+        return self.available
 
     @property
     def loop(self) -> asyncio.AbstractEventLoop:

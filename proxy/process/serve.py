@@ -24,15 +24,17 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from metrics import definitions as d
 from metrics.inflight import InFlight, SharedInFlight
 from metrics.inmemory import SharedFiles
-from metrics.recorder import InvocationMetrics
+from metrics.recorder import InvocationMetrics, ModelLifecycleMetrics
 from metrics.statistics import PeriodStatistics
 from proxy.errors import Fault
+from proxy.http.client import ModelClient, ping
 from proxy.http.server import HttpServer, Limits
 from proxy.invocation.app import ProxyApp
 from proxy.invocation.tracing import Tracing
 from proxy.invocation.tracing import wanted as tracing_wanted
 from proxy.process.admin import create_admin_app
 from proxy.process.background import Background, Host, Stream, endpoint_host
+from proxy.process.model import ModelProcess, ReadinessGate
 from proxy.process.variant_set import VariantSet, build_variants
 from proxy.runtime.sigv4 import CredentialsFile
 from proxy.settings import ConfigError, MonitorSettings, Settings
@@ -241,8 +243,9 @@ async def serving(server: Listener, sock: socket.socket) -> AsyncIterator[Listen
 # once its main server returns (on SIGTERM or SIGINT, after draining).
 
 
-async def serve(settings: Settings, proxy_sock: socket.socket, admin_sock: socket.socket, host: Host | None = None) -> None:
-    """One process: the proxy and the admin port in one loop, metrics in memory; ``host`` is sampled here too."""
+async def serve(settings: Settings, proxy_sock: socket.socket, admin_sock: socket.socket, host: Host | None = None) -> int:
+    """One process: the proxy and the admin port in one loop, metrics in memory; ``host`` is sampled here too.
+    Returns the exit status: 0, or the model's when it ended on its own (``--model-command``)."""
     registry = CollectorRegistry()
     background = _background(settings, registry, invocations=True, host=host)
     app, variants = _proxy_app(settings, registry, background.statistics)
@@ -250,13 +253,59 @@ async def serve(settings: Settings, proxy_sock: socket.socket, admin_sock: socke
     proxy_server = listener(app, settings, on_refused=_count_refusals(variants), name="proxy port")
     # On SIGTERM the proxy port drains first; the admin port answers until the last invocation is recorded.
     stop_on_signals(proxy_server)
+    status = _ExitStatus(proxy_server)
     _log_start(settings)
     async with contextlib.AsyncExitStack() as pieces:
         pieces.callback(app.shutdown)
         await pieces.enter_async_context(variants)
         await pieces.enter_async_context(background)  # its last CloudWatch period is flushed after the drain
         await pieces.enter_async_context(serving(listener(admin, settings, name="admin port"), admin_sock))
+        if settings.model_command:  # the model stops after the drain, and the port takes no call while it is down
+            gate = await pieces.enter_async_context(_gate(settings, variants.clients()))
+            await pieces.enter_async_context(_model(settings, registry, background, variants.clients(), status, gate.close))
         await proxy_server.serve(proxy_sock)
+    return status.code
+
+
+class _ExitStatus:
+    """The process's exit status; a model gone for good stops ``servers`` as a signal would."""
+
+    def __init__(self, *servers: _Stoppable) -> None:
+        self.code = 0
+        self._servers = servers
+
+    def model_failed(self, code: int) -> None:
+        log.error("stopping: the model is gone; exit status %d", code)
+        self.code = code
+        for server in self._servers:
+            server.stop()
+
+
+def _model(
+    settings: Settings, registry: CollectorRegistry, background: Background, clients: list[ModelClient], status: _ExitStatus,
+    down: Callable[[], None] = lambda: None,
+) -> ModelProcess:
+    """The model as a child (--model-command), its setup time and restarts counted on the first variant."""
+    assert settings.model_command is not None
+    endpoint, variant = settings.endpoint_name, settings.variants[0].name
+    client = clients[0]
+    return ModelProcess(
+        settings.model_command,
+        ping=lambda: ping(client, settings.ping_path, settings.health_check_timeout),
+        metrics=ModelLifecycleMetrics(registry, endpoint, variant, background.statistics.get((endpoint, variant))),
+        failed=status.model_failed,
+        down=down,
+        setup_timeout=settings.model_setup_timeout,
+        stop_timeout=settings.model_stop_timeout,
+        restart=settings.model_restart,
+    )
+
+
+def _gate(settings: Settings, clients: list[ModelClient]) -> ReadinessGate:
+    return ReadinessGate(
+        clients, lambda client: ping(client, settings.ping_path, settings.health_check_timeout),
+        interval_s=settings.health_check_interval, threshold=settings.unhealthy_threshold,
+    )
 
 
 def _count_refusals(variants: VariantSet) -> Callable[[Fault], None]:
@@ -306,6 +355,8 @@ async def _serve_worker(settings: Settings, proxy_sock: socket.socket, multiproc
         pieces.callback(app.shutdown)
         await pieces.enter_async_context(variants)
         await pieces.enter_async_context(background)
+        if settings.model_command:  # the supervisor runs the model; each worker waits for its ping
+            await pieces.enter_async_context(_gate(settings, variants.clients()))
         await server.serve(proxy_sock)
 
 
@@ -394,10 +445,11 @@ class _Workers:
 
 async def _supervise(
     settings: Settings, proxy_sock: socket.socket, admin_sock: socket.socket, multiproc_dir: str, host: Host | None
-) -> None:
+) -> int:
     # Sampled once, here: in-memory metrics of the supervisor, merged with the workers' at every scrape.
     own = CollectorRegistry()
-    background = _background(settings, own, invocations=False, host=host)
+    # The supervisor records no invocation, but runs the model: its setup time goes to the variant's stream.
+    background = _background(settings, own, invocations=bool(settings.model_command), host=host)
     merged = _WorkersAndSupervisor(multiproc_dir, own)
 
     def collect() -> CollectorRegistry:
@@ -411,12 +463,16 @@ async def _supervise(
     admin_server = listener(create_admin_app(collect, readiness.clients(), ping_path=settings.ping_path), settings, name="admin port")
     workers = _Workers(settings, proxy_sock, multiproc_dir)
     stop_on_signals(workers, admin_server)
+    status = _ExitStatus(workers, admin_server)
     _log_start(settings)
     async with contextlib.AsyncExitStack() as pieces:
         await pieces.enter_async_context(readiness)
         await pieces.enter_async_context(background)
+        if settings.model_command:  # stopped after the workers have drained
+            await pieces.enter_async_context(_model(settings, own, background, readiness.clients(), status))
         await pieces.enter_async_context(workers)
         await admin_server.serve(admin_sock)
+    return status.code
 
 
 def setup_logging(settings: Settings | MonitorSettings) -> None:
@@ -428,9 +484,9 @@ def setup_logging(settings: Settings | MonitorSettings) -> None:
         logging.getLogger("proxy.access").setLevel(logging.INFO)  # whatever --log-level says
 
 
-def run(settings: Settings) -> None:
+def run(settings: Settings) -> int:
     """Bind both ports and find the cgroups to watch (ConfigError if a port is taken or a cgroup missing),
-    then serve until SIGINT or SIGTERM."""
+    then serve until SIGINT or SIGTERM, or until a model it runs is gone; the exit status."""
     import uvloop
 
     setup_logging(settings)
@@ -439,12 +495,11 @@ def run(settings: Settings) -> None:
     host = endpoint_host(settings)
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
         if settings.workers == 1:
-            runner.run(serve(settings, proxy_sock, admin_sock, host))
-            return
+            return runner.run(serve(settings, proxy_sock, admin_sock, host))
         # A directory of our own, fresh at every start: stale files from an earlier run would add up.
         multiproc_dir = tempfile.mkdtemp(prefix="sagemaker-metrics-proxy-")
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = multiproc_dir  # read by prometheus-client in each worker at import
         try:
-            runner.run(_supervise(settings, proxy_sock, admin_sock, multiproc_dir, host))
+            return runner.run(_supervise(settings, proxy_sock, admin_sock, multiproc_dir, host))
         finally:
             shutil.rmtree(multiproc_dir, ignore_errors=True)
