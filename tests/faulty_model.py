@@ -26,6 +26,8 @@ More, for tests/test_model_faults.py (the connection stays open after an answer 
 - ``chunked-die``: a chunked 200, two chunks 50 ms apart, then close (FIN) without the last chunk.
 - ``chunked-stall``: a chunked 200 and one chunk, then nothing; counted in ``stalled_closed_by_peer`` when the
   peer closes the connection.
+- ``head-stall``: a chunked 200 head and nothing more, until the peer closes; ``head-close``: the same head, then
+  close (FIN); ``head-bad-chunk``: the same head, then a chunk size that is not hex, then close.
 - ``huge-head``: a 200 whose head is over 64 KiB (100 headers of 1,000 bytes).
 - ``huge-header``: a 200 with one header line of 70,000 bytes.
 - ``ctl-header``: a 200 with a control character (``\\x01``) in a header value.
@@ -235,6 +237,17 @@ async def more_faults(
         await asyncio.sleep(0.05)
         writer.write(b"7\r\npart-2\n\r\n")
         await writer.drain()
+        writer.close()
+        return True
+    if fault in ("head-stall", "head-close", "head-bad-chunk"):
+        stats["requests"] += 1
+        writer.write(make_head(b"200 OK", b"transfer-encoding: chunked"))
+        await writer.drain()
+        if fault == "head-bad-chunk":
+            writer.write(b"zz\r\nnot a chunk\r\n")
+            await writer.drain()
+        if fault == "head-stall":
+            await reader.read(1)  # nothing more, until the peer closes
         writer.close()
         return True
     if fault == "chunked-stall":

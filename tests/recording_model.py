@@ -15,6 +15,8 @@ The request header ``X-Respond`` picks another answer:
 - ``status=N``: status N with the JSON body ``{"error": "model says N"}``.
 - ``stream-die``: a chunked response of two chunks, 50 ms apart, then the connection closes without the last chunk.
 - ``stream-stall``: a chunked response of one chunk, then nothing until the peer closes the connection.
+- ``head-stall``: a chunked 200 head and no chunk, then nothing until the peer closes; ``head-close``: the same
+  head, then the connection closes.
 
 The SageMaker Runtime API passes the model no ``X-Respond``: there ``X-Amzn-SageMaker-Custom-Attributes:
 respond=...`` picks the answer, and any custom attributes come back in the response as ``echo:<attributes>``.
@@ -148,6 +150,12 @@ async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> 
                 writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ntransfer-encoding: chunked\r\n\r\n8\r\nchunk-0\n\r\n")
                 await writer.drain()
                 await reader.read()  # until the proxy gives up and closes
+                return
+            elif respond in ("head-stall", "head-close"):
+                writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ntransfer-encoding: chunked\r\n\r\n")
+                await writer.drain()
+                if respond == "head-stall":
+                    await reader.read()
                 return
             elif respond == "stream-die":
                 writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ntransfer-encoding: chunked\r\n\r\n8\r\nchunk-0\n\r\n")

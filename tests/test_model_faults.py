@@ -256,6 +256,10 @@ BEFORE_HEAD = [
     pytest.param("cl-te", 502, "malformed_response", id="row7-content-length-and-chunked"),
     pytest.param("dup-cl", 502, "malformed_response", id="row7-duplicate-content-length"),
     pytest.param("dup-cl-differ", 502, "malformed_response", id="row7-two-content-lengths"),
+    # The head came, no body byte yet: the head is held, so the client still gets a real answer.
+    pytest.param("head-stall", 504, "timeout", id="row7-head-then-stall"),
+    pytest.param("head-close", 502, "connection_reset", id="row7-head-then-close"),
+    pytest.param("head-bad-chunk", 502, "malformed_response", id="row7-head-then-bad-chunk"),
 ]
 
 

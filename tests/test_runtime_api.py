@@ -179,6 +179,23 @@ def test_a_stalled_stream_ends_with_model_invocation_time_exceeded(model: Runnin
     assert proxy.value("sagemaker_mid_stream_errors_total") == 1
 
 
+@pytest.mark.parametrize(("respond", "reason"), [("head-stall", "timeout"), ("head-close", "connection_reset")])
+def test_a_model_that_fails_after_its_head_before_any_byte_is_a_model_error(
+    model: Running, start_proxy: Callable[..., Proxy], respond: str, reason: str
+) -> None:
+    """No byte of the answer had gone out: InvokeEndpoint gets its ModelError, the stream call its error, never an empty reply."""
+    proxy = start_proxy(model.url, "--invocation-timeout", "0.5")
+    client = runtime(proxy)
+    with pytest.raises(client.exceptions.ModelError):
+        client.invoke_endpoint(EndpointName=ENDPOINT, Body=BODY, CustomAttributes=f"respond={respond}")
+    with pytest.raises(client.exceptions.ModelError):
+        client.invoke_endpoint_with_response_stream(EndpointName=ENDPOINT, Body=BODY, CustomAttributes=f"respond={respond}")
+    assert proxy.value("sagemaker_invocations_total") == 2
+    assert proxy.value("sagemaker_invocation_model_errors_total") == 2
+    assert proxy.value("sagemaker_proxy_upstream_errors_total", reason=reason) == 2
+    assert proxy.value("sagemaker_mid_stream_errors_total") == 0
+
+
 def test_no_live_instance_is_service_unavailable(start_proxy: Callable[..., Proxy]) -> None:
     dead = f"http://127.0.0.1:{free_port()}"
     proxy = start_proxy(dead, "--instance-count-from", "upstreams", "--health-check-interval", "0.1")

@@ -195,11 +195,13 @@ class ProxyApp:
             self._reachability.answered(variant)
             await stream_back(response, record, front.send, guard, self._clock, self._count_tokens)
         except UpstreamError as e:
-            # The model failed after the head was sent: the client's connection must be aborted,
-            # unless the front ends its answer in its own way (a Runtime API stream's error event).
+            # The model failed after its head came. Before the head went on, the client gets the error; after,
+            # its connection must be aborted, unless the front ends the answer its own way (an error event).
             record.t_done = clock()
             record.fault = e.fault
-            if not await front.broke(e.fault):
+            if not record.responded:
+                await self._refuse(front, e.fault, server_timing=record.server_timing(), variant=variant)
+            elif not await front.broke(e.fault):
                 raise
         except asyncio.CancelledError:
             if guard.fault is None:

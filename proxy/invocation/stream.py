@@ -26,22 +26,32 @@ async def stream_back(
     assert record.variant is not None
     headers = response_headers(response.status, response.headers, record.server_timing(), record.variant.name)
     start = {"type": "http.response.start", "status": response.status, "headers": headers}
-    record.responded = True
     watching = observers.for_response(response, record, count_tokens)
     chunk = response.take_buffered()
+    arrived = record.t_head  # when the chunk in hand came from the model
     if response.complete:
-        record.t_done = arrived = record.t_head
+        record.t_done = arrived
         guard.stop()
         record.response_bytes = len(chunk)
+        record.responded = True
         await send(start)
         t0 = clock() if watching else 0
         await send({"type": "http.response.body", "body": chunk})
         record.t_out = clock()
     else:
+        more = True
+        t0 = record.t_head
+        if not chunk:
+            # The head waits for the first body byte: a model that stalls, closes or breaks before it still
+            # gets the client a real answer (502, 504), not an empty reply.
+            record.blocked_ns += clock() - t0  # the proxy's work on the head is not the model's
+            chunk = await response.read()
+            t0 = arrived = clock()
+            more = bool(chunk)
+        record.responded = True
         await send(start)
-        record.blocked_ns += clock() - record.t_head
-        arrived = record.t_head  # when the chunk in hand came from the model
-        while True:
+        record.blocked_ns += clock() - t0
+        while more:
             if chunk:
                 record.response_bytes += len(chunk)
                 for o in watching:
