@@ -611,6 +611,21 @@ class Settings:
         names = [v.name for v in self.variant]
         if len(set(names)) != len(names):
             raise ConfigError(f"--variant: each variant needs its own name, got {', '.join(names)}")
+        for url in (u for endpoint in self.endpoints for v in endpoint.variants for u in v.upstreams):
+            if _is_own_address(url, self.host, (self.port, self.metrics_port)):
+                raise ConfigError(f"upstream {url} is this proxy's own port: each request would call the proxy again; give the model's address")
+
+
+LOCAL_HOSTS = frozenset({"127.0.0.1", "localhost", "::1", "0.0.0.0", "::"})
+
+
+def _is_own_address(url: str, host: str, ports: tuple[int, ...]) -> bool:
+    """Whether ``url`` names a port this proxy listens on (the same address, or loopback while it listens on all)."""
+    parts = urlsplit(url)
+    if parts.port not in ports:
+        return False
+    target = (parts.hostname or "").lower()
+    return target == host or (host in ("0.0.0.0", "::") and target in LOCAL_HOSTS) or (host in LOCAL_HOSTS and target in LOCAL_HOSTS)
 
 
 @dataclass(frozen=True)

@@ -397,3 +397,31 @@ def test_cli_serve_help_lists_env_vars() -> None:
         assert option.flag in result.stdout
         assert option.env in result.stdout, option.env
     assert "--no-record-metrics" not in result.stdout
+
+
+@pytest.mark.parametrize(
+    ("host", "upstream"),
+    [
+        ("0.0.0.0", "http://127.0.0.1:8080"),
+        ("0.0.0.0", "http://localhost:8080"),
+        ("127.0.0.1", "http://127.0.0.1:8080"),
+        ("0.0.0.0", "http://127.0.0.1:9090"),  # the admin port is no model either
+        ("10.1.2.3", "http://10.1.2.3:8080"),
+    ],
+)
+def test_an_upstream_that_is_the_proxy_itself_is_refused(host: str, upstream: str) -> None:
+    message = config_error("--host", host, "--port", "8080", "--metrics-port", "9090", "--upstream", upstream, "--endpoint-name", "e", required=False)
+    assert upstream in message and "own port" in message
+
+
+def test_the_same_port_on_another_host_is_a_model() -> None:
+    s = settings("--host", "127.0.0.1", "--port", "8080", "--upstream", "http://10.1.2.3:8080", "--endpoint-name", "e", required=False)
+    assert s.upstream == ("http://10.1.2.3:8080",)
+
+
+@pytest.mark.e2e
+def test_cli_refuses_its_own_port_as_upstream_before_listening() -> None:
+    port, metrics_port = free_port(), free_port()
+    result = run_cli("serve", "--upstream", f"http://127.0.0.1:{port}", "--endpoint-name", "e", "--host", "127.0.0.1", "--port", str(port), "--metrics-port", str(metrics_port))
+    assert "own port" in assert_one_error_line(result)
+    assert port_is_free(port) and port_is_free(metrics_port)
