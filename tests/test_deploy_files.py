@@ -83,6 +83,17 @@ def test_dockerfile_entry_point_is_the_proxy_with_an_optional_pip_ca_secret() ->
     assert "pip_ca" not in re.sub(r"^#.*$", "", text.split("RUN --mount=type=secret,id=pip_ca", 1)[0], flags=re.M)
 
 
+def test_image_test_is_wired_into_make_and_ci() -> None:
+    """`make image-test` (deploy/image-test.sh) builds and runs the image; it needs root, so .ci/run runs it, not pytest."""
+    script = DEPLOY / "image-test.sh"
+    assert subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True).returncode == 0
+    assert re.search(r"^image-test:\n\tbash deploy/image-test\.sh$", (ROOT / "Makefile").read_text(), re.M)
+    assert re.search(r"^make image-test\b", (ROOT / ".ci" / "run").read_text(), re.M)
+    text = script.read_text()
+    assert "buildah build --format docker" in text  # HEALTHCHECK survives only in the docker format
+    assert '--secret "id=pip_ca,' in text
+
+
 def test_kubernetes_manifests_validate_against_the_schemas() -> None:
     files = sorted(str(p) for p in (DEPLOY / "kubernetes").glob("*.yaml"))
     assert files
