@@ -1,11 +1,15 @@
 # sagemaker-metrics-proxy: the proxy as a SageMaker-style container (`serve`) or as a sidecar.
 #
 #   docker build -t sagemaker-metrics-proxy .
+#   buildah build --format docker -t sagemaker-metrics-proxy .   # or podman build --format docker
 #   docker run -p 8080:8080 -p 9090:9090 -e SAGEMAKER_PROXY_UPSTREAM=http://model:8081 \
 #       -e SAGEMAKER_PROXY_ENDPOINT_NAME=my-endpoint sagemaker-metrics-proxy serve
 #
-# With SAGEMAKER_PROXY_MODEL_COMMAND set, the entry point also starts that command (the model
-# server) in this container and forwards to it; without it, the model is another container.
+# Behind a TLS-inspecting package mirror, pass its CA bundle as the build secret pip_ca:
+#   docker build --secret id=pip_ca,src=/etc/ssl/certs/ca-certificates.crt -t sagemaker-metrics-proxy .
+#
+# With SAGEMAKER_PROXY_MODEL_COMMAND set, `serve` also starts that command (the model server) in
+# this container as its child and forwards to it; without it, the model is another container.
 
 FROM python:3.11-slim-bookworm AS build
 WORKDIR /src
@@ -13,13 +17,17 @@ COPY pyproject.toml README.md ./
 COPY proxy ./proxy
 COPY metrics ./metrics
 COPY example_model ./example_model
-RUN python -m venv /opt/venv \
+# The secret is mounted only for this step and never lands in a layer; without it, pip uses its own CAs.
+RUN --mount=type=secret,id=pip_ca \
+    if [ -s /run/secrets/pip_ca ]; then export PIP_CERT=/run/secrets/pip_ca; fi \
+    && python -m venv /opt/venv \
     && /opt/venv/bin/pip install --no-cache-dir ".[gpu]"
 
 FROM python:3.11-slim-bookworm
-RUN useradd --system --uid 10001 --no-create-home --shell /usr/sbin/nologin proxy
+# Not `proxy`: Debian's base-passwd already has a system user of that name (uid 13).
+RUN groupadd --system --gid 10001 smproxy \
+    && useradd --system --uid 10001 --gid smproxy --no-create-home --shell /usr/sbin/nologin smproxy
 COPY --from=build /opt/venv /opt/venv
-COPY deploy/entrypoint.sh /usr/local/bin/entrypoint.sh
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     SAGEMAKER_PROXY_PORT=8080 \
@@ -28,5 +36,6 @@ USER 10001
 EXPOSE 8080 9090
 HEALTHCHECK --interval=10s --timeout=3s --start-period=15s --retries=3 \
     CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:9090/healthz', timeout=2)"]
-ENTRYPOINT ["/usr/local/bin/entrypoint.sh"]
+# SageMaker runs `<image> serve`.
+ENTRYPOINT ["sagemaker-metrics-proxy"]
 CMD ["serve"]

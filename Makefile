@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test serve bench bench-quick bench-servers soak clean
+.PHONY: demo test image-test serve bench bench-quick bench-servers soak clean
 
 demo: $(VENV)/.installed
 	$(BIN)/sagemaker-metrics-proxy demo $(ARGS)
@@ -17,6 +17,11 @@ test: $(VENV)/.installed
 	$(BIN)/ruff check proxy metrics example_model tests benchmarks
 	$(BIN)/mypy
 	$(BIN)/pytest -q
+
+# The Dockerfile built with buildah and run with podman (runc), checked over loopback (about 25 s; a minute
+# the first time, and the first apt-get install). Root: sudo make image-test. See deploy/image-test.sh.
+image-test:
+	bash deploy/image-test.sh
 
 bench: $(VENV)/.bench
 	$(BIN)/python -m benchmarks.run

@@ -53,6 +53,47 @@ def test_dockerfile_runs_as_non_root_with_a_healthcheck_on_healthz() -> None:
         assert name in ENV_NAMES, name
 
 
+# Users and groups of Debian's base-passwd (/usr/share/base-passwd/*.master) and apt's _apt: in every Debian base.
+DEBIAN_BASE_NAMES = {
+    "root", "daemon", "bin", "sys", "sync", "games", "man", "lp", "mail", "news", "uucp", "proxy", "www-data", "backup",
+    "list", "irc", "gnats", "nobody", "nogroup", "_apt", "adm", "tty", "disk", "kmem", "dialout", "fax", "voice", "cdrom",
+    "floppy", "tape", "sudo", "audio", "dip", "operator", "src", "shadow", "utmp", "video", "sasl", "plugdev", "staff", "users",
+}
+
+
+def test_dockerfile_user_does_not_collide_with_the_base_images_users() -> None:
+    """`useradd proxy` exits 9 on python:3.11-slim-bookworm: Debian's base already has a user proxy (uid 13)."""
+    text = (ROOT / "Dockerfile").read_text()
+    useradd = re.search(r"useradd (.*?)(?:\n(?!\s)|$)", text.replace("\\\n", " "), re.S)
+    assert useradd, "the Dockerfile creates its user with useradd"
+    words = useradd.group(1).split()
+    assert words[words.index("--uid") + 1] == "10001"
+    assert words[-1] not in DEBIAN_BASE_NAMES, words[-1]
+    groupadd = re.search(r"groupadd .*--gid 10001 (\S+)", text)
+    assert groupadd and groupadd.group(1) not in DEBIAN_BASE_NAMES
+
+
+def test_dockerfile_entry_point_is_the_proxy_with_an_optional_pip_ca_secret() -> None:
+    text = (ROOT / "Dockerfile").read_text()
+    # SageMaker runs `<image> serve`; serve itself starts SAGEMAKER_PROXY_MODEL_COMMAND.
+    assert re.search(r'^ENTRYPOINT \["sagemaker-metrics-proxy"\]$', text, re.M)
+    # The CA bundle for a TLS-inspecting mirror: a build secret (never in a layer), used only when given.
+    assert re.search(r"^RUN --mount=type=secret,id=pip_ca\b", text, re.M)
+    assert "if [ -s /run/secrets/pip_ca ]; then export PIP_CERT=/run/secrets/pip_ca; fi" in text
+    assert "pip_ca" not in re.sub(r"^#.*$", "", text.split("RUN --mount=type=secret,id=pip_ca", 1)[0], flags=re.M)
+
+
+def test_image_test_is_wired_into_make_and_ci() -> None:
+    """`make image-test` (deploy/image-test.sh) builds and runs the image; it needs root, so .ci/run runs it, not pytest."""
+    script = DEPLOY / "image-test.sh"
+    assert subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True).returncode == 0
+    assert re.search(r"^image-test:\n\tbash deploy/image-test\.sh$", (ROOT / "Makefile").read_text(), re.M)
+    assert re.search(r"^make image-test\b", (ROOT / ".ci" / "run").read_text(), re.M)
+    text = script.read_text()
+    assert "buildah build --format docker" in text  # HEALTHCHECK survives only in the docker format
+    assert '--secret "id=pip_ca,' in text
+
+
 def test_kubernetes_manifests_validate_against_the_schemas() -> None:
     files = sorted(str(p) for p in (DEPLOY / "kubernetes").glob("*.yaml"))
     assert files
