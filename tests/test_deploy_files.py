@@ -5,11 +5,8 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import signal
-import socket
 import subprocess
 import sys
-import time
 import venv
 from pathlib import Path
 from typing import Any
@@ -142,40 +139,6 @@ def test_compose_prometheus_scrapes_the_proxy_admin_port() -> None:
     config = yaml.safe_load((DEPLOY / "prometheus" / "prometheus.yml").read_text())
     targets = [t for job in config["scrape_configs"] for sc in job.get("static_configs", []) for t in sc["targets"]]
     assert "proxy:9090" in targets
-
-
-@pytest.mark.e2e
-def test_entrypoint_runs_the_model_and_the_proxy_and_stops_both(tmp_path: Path) -> None:
-    model_port, port, metrics_port = free_port(), free_port(), free_port()
-    env = {
-        **os.environ,
-        "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
-        "PYTHONPATH": str(ROOT),
-        "SAGEMAKER_PROXY_MODEL_COMMAND": f"{sys.executable} -m example_model --host 127.0.0.1 --port {model_port}",
-        "SAGEMAKER_PROXY_UPSTREAM": f"http://127.0.0.1:{model_port}",
-        "SAGEMAKER_PROXY_ENDPOINT_NAME": "entrypoint-test",
-        "SAGEMAKER_PROXY_HOST": "127.0.0.1",
-        "SAGEMAKER_PROXY_PORT": str(port),
-        "SAGEMAKER_PROXY_METRICS_PORT": str(metrics_port),
-    }
-    log = (tmp_path / "entrypoint.log").open("wb")
-    proc = subprocess.Popen(["/bin/sh", str(DEPLOY / "entrypoint.sh"), "serve"], env=env, stdout=log, stderr=subprocess.STDOUT)
-    try:
-        wait_for_port(model_port, proc)
-        wait_for_port(metrics_port, proc)
-        deadline = time.monotonic() + 10
-        while httpx.get(f"http://127.0.0.1:{metrics_port}/readyz").status_code != 200 and time.monotonic() < deadline:
-            time.sleep(0.1)
-        r = httpx.post(f"http://127.0.0.1:{port}/invocations", json={"instances": [[6.7, 3.0, 5.2, 2.3]]})
-        assert r.status_code == 200 and r.json()["predictions"][0]["label"] == "virginica"
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(20) == 0
-        for p in (model_port, port):  # both servers are gone
-            with pytest.raises(OSError), socket.create_connection(("127.0.0.1", p), timeout=1):
-                pass
-    finally:
-        if proc.poll() is None:
-            proc.kill()
 
 
 @pytest.mark.e2e

@@ -24,7 +24,7 @@ IRIS = {"instances": [[6.7, 3.0, 5.2, 2.3]]}
 
 
 def model_command(port: int, delay_s: float = 0.0) -> str:
-    model = f"{sys.executable} -m example_model --host 127.0.0.1 --port {port} --test-knobs"
+    model = f"{sys.executable} -m example_model --host 127.0.0.1 --port {port} --test-knobs --log-level info"
     return f"sleep {delay_s}; exec {model}" if delay_s else model
 
 
@@ -125,6 +125,7 @@ def test_sigterm_answers_every_call_in_flight_then_stops_the_model_and_exits_0(p
     assert port_closed(model_port) and port_closed(proxy.port)
     log = proxy.log.read_text()
     assert "model: stopped" in log and "exited on its own" not in log
+    assert f"Finished server process [{model.pid}]" in log  # the model's own clean exit, its output passed through
 
 
 @pytest.mark.e2e

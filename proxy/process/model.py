@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import re
 import signal
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -23,6 +24,8 @@ from proxy.http.client import ConnectionPool, ModelClient
 log = logging.getLogger("proxy.model")
 
 POLL_S = 0.1  # between pings while the model starts
+ASSIGNMENTS = re.compile(r"^((?:\s*[A-Za-z_][A-Za-z0-9_]*=\S*)*\s*)")  # `FOO=1 serve` runs as `FOO=1 exec serve`
+COMPOUND = re.compile(r"[;&|()\n`]|\$\(|^\s*exec\s")  # a command line the shell must run as more than one command
 MAX_BACKOFF_S = 30.0
 
 
@@ -84,9 +87,11 @@ class ModelProcess:
         await self._stop()
 
     async def _start(self) -> asyncio.subprocess.Process:
-        # Its own session (and process group, which is signalled whole), so a terminal's Ctrl-C
-        # reaches the proxy, which stops the model after the drain.
-        process = await asyncio.create_subprocess_exec("/bin/sh", "-c", self._command, start_new_session=True)
+        # Its own session (and process group, which is signalled whole), so a terminal's Ctrl-C reaches the
+        # proxy, which stops the model after the drain. A simple command is exec'd: the child is the model
+        # itself, so its exit is the model's (a compound one should exec the model last: `cd /m; exec serve`).
+        line = self._command if COMPOUND.search(self._command) else ASSIGNMENTS.sub(r"\1exec ", self._command, count=1)
+        process = await asyncio.create_subprocess_exec("/bin/sh", "-c", line, start_new_session=True)
         log.info("model: started `%s` (pid %d)", self._command, process.pid)
         return process
 
