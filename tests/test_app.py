@@ -156,11 +156,11 @@ def test_streamed_response_time_blocked_on_the_client_is_overhead() -> None:
     # Client: start + 3 chunks blocked 2 ms each while the model was still answering, + the final send.
     assert value(registry, "sagemaker_model_latency_seconds_sum") == pytest.approx(0.050)
     assert value(registry, "sagemaker_overhead_latency_seconds_sum") == pytest.approx(5 * 0.002)
-    # The model's first body byte: head (10) + start sent (2) + first read (10).
-    assert value(registry, "sagemaker_first_chunk_model_latency_seconds_sum") == pytest.approx(0.022)
-    # Handed to the client as it came: the first chunk added nothing to the model's wait (the request took no time to accept).
+    # The model's first body byte: head (10) + first read (10); the head waits for it, then goes out with it.
+    assert value(registry, "sagemaker_first_chunk_model_latency_seconds_sum") == pytest.approx(0.020)
+    # Handed to the client after the head's send (2 ms blocked on the client): that is the first chunk's overhead.
     assert value(registry, "sagemaker_first_chunk_latency_seconds_sum") == pytest.approx(0.022)
-    assert value(registry, "sagemaker_first_chunk_overhead_latency_seconds_sum") == pytest.approx(0.0)
+    assert value(registry, "sagemaker_first_chunk_overhead_latency_seconds_sum") == pytest.approx(0.002)
     # Gaps between chunks: 10 ms each, the 2 ms blocked on the client left out.
     assert value(registry, "sagemaker_inter_chunk_latency_seconds_count") == 2
     assert value(registry, "sagemaker_inter_chunk_latency_seconds_sum") == pytest.approx(0.020)

@@ -13,15 +13,13 @@ from proxy.invocation import observers
 from proxy.invocation.guard import Guard
 from proxy.invocation.headers import response_headers
 from proxy.invocation.record import Invocation
-from proxy.types import Send
+from proxy.types import Message, Send
 
 
 async def stream_back(
     response: ModelResponse, record: Invocation, send: Send, guard: Guard, clock: Callable[[], int], count_tokens: bool
 ) -> None:
-    """The model's response to the client: whole if it is in already, else chunk by chunk as it comes.
-
-    Time blocked in ``send()`` before the model's last byte is the client's, not the model's; the
+    """The model's response to the client: whole if it is in already, else chunk by chunk as it comes; the
     observers chosen for the response look at each chunk as it passes."""
     assert record.variant is not None
     headers = response_headers(response.status, response.headers, record.server_timing(), record.variant.name)
@@ -32,48 +30,61 @@ async def stream_back(
     if response.complete:
         record.t_done = arrived
         guard.stop()
-        record.response_bytes = len(chunk)
-        record.responded = True
+        record.response_bytes, record.responded = len(chunk), True
         await send(start)
         t0 = clock() if watching else 0
         await send({"type": "http.response.body", "body": chunk})
         record.t_out = clock()
     else:
-        more = True
-        t0 = record.t_head
-        if not chunk:
-            # The head waits for the first body byte: a model that stalls, closes or breaks before it still
-            # gets the client a real answer (502, 504), not an empty reply.
-            record.blocked_ns += clock() - t0  # the proxy's work on the head is not the model's
-            chunk = await response.read()
-            t0 = arrived = clock()
-            more = bool(chunk)
-        record.responded = True
-        await send(start)
-        record.blocked_ns += clock() - t0
-        while more:
-            if chunk:
-                record.response_bytes += len(chunk)
-                for o in watching:
-                    o.arrived(record, chunk, arrived)
-                t0 = clock()
-                guard.writing()
-                await send({"type": "http.response.body", "body": chunk, "more_body": True})
-                record.blocked_ns += clock() - t0
-                guard.rearm()
-                for o in watching:
-                    o.sent(record, chunk, t0)
-            chunk = await response.read()
-            if not chunk:
-                break
-            arrived = clock()
-        record.t_done = clock()
-        guard.stop()
-        await send({"type": "http.response.body", "body": b""})
-        record.t_out = clock()
+        arrived = await _chunks(response, record, send, guard, clock, start, watching, chunk)
         chunk = b""  # every chunk was seen on the way
     for o in watching:  # after the answer went out: the client does not wait for them
         if chunk:
             o.arrived(record, chunk, arrived)
             o.sent(record, chunk, t0)
         o.ended(record, arrived)
+
+
+async def _chunks(
+    response: ModelResponse, record: Invocation, send: Send, guard: Guard, clock: Callable[[], int],
+    start: Message, watching: tuple[observers.Observer, ...], chunk: bytes,
+) -> int:
+    """A response still arriving, chunk by chunk as it comes; the last chunk's arrival. Time blocked in
+    ``send()`` before the model's last byte is the client's, not the model's."""
+    arrived = record.t_head  # when the chunk in hand came from the model
+    more = True
+    t0 = record.t_head
+    if not chunk:
+        # The head waits for the first body byte, so a model that fails before it gets a real answer (502, 504).
+        record.blocked_ns += clock() - t0  # the proxy's work on the head is not the model's
+        chunk = await response.read()
+        t0 = arrived = clock()
+        more = bool(chunk)
+    while more:
+        if chunk:
+            for o in watching:  # as it arrived: what is blocked from here on is the client's
+                o.arrived(record, chunk, arrived)
+            if not record.responded:
+                record.responded = True
+                await send(start)
+                record.blocked_ns += clock() - t0
+            record.response_bytes += len(chunk)
+            t0 = clock()
+            guard.writing()
+            await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            record.blocked_ns += clock() - t0
+            guard.rearm()
+            for o in watching:
+                o.sent(record, chunk, t0)
+        chunk = await response.read()
+        if not chunk:
+            break
+        arrived = clock()
+    if not record.responded:  # a stream that ended with no body byte
+        record.responded = True
+        await send(start)
+    record.t_done = clock()
+    guard.stop()
+    await send({"type": "http.response.body", "body": b""})
+    record.t_out = clock()
+    return arrived
