@@ -27,6 +27,8 @@ class Fault(enum.Enum):
     NO_LIVE_INSTANCE = ("no_live_instance", 503, False, "no live model instance")
     OVER_CAPACITY = ("over_capacity", 503, False, "too many requests in flight")
     AUTH_FAILED = ("auth_failed", 403, False, "the request's AWS signature is missing or invalid")
+    UNKNOWN_OPERATION = ("unknown_operation", 404, False, "not an operation this proxy serves")
+    UNKNOWN_ENDPOINT = ("unknown_endpoint", 400, False, "no such endpoint")
     # Refused by the front door (proxy/http/server.py) before the app sees a request.
     HEAD_TIMEOUT = ("head_timeout", 408, False, "the request head did not arrive in time")
     BODY_TIMEOUT = ("body_timeout", 408, False, "the request body stopped arriving")

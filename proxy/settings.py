@@ -345,6 +345,12 @@ def _config_variant(file: _File, variant: object, at: str) -> VariantConfig:
     return VariantConfig(str(vname), urls, float(weight), count_from, count)
 
 
+def _region(raw: str) -> str:
+    if not re.fullmatch(r"[a-z]{2}(-[a-z]+)+-\d", raw):
+        raise ValueError(f"must be an AWS region such as us-east-1, got {raw!r}")
+    return raw
+
+
 def _command(raw: str) -> str:
     if not raw.strip():
         raise ValueError("must be a command line, got an empty one")
@@ -571,6 +577,14 @@ class Settings:
     auth: str = option("--auth", _auth, "authentication on the SageMaker Runtime API routes: `none`, or `sigv4` (AWS Signature Version 4, service `sagemaker`, as SageMaker checks it)", "none")
     auth_credentials: Path | None = option(
         "--auth-credentials", _credentials_file, "with `--auth sigv4`: a file of `ACCESS_KEY_ID SECRET_ACCESS_KEY` lines, re-read when it changes", None, absent="none",
+    )
+    auth_region: str | None = option(
+        "--auth-region", _region, "with `--auth sigv4`: the region signatures must be scoped to (as an endpoint's region is)", None, absent="any region",
+    )
+    native_routes: bool = option(
+        "--native-routes", _bool,
+        "serve the model's own routes beside the Runtime API (`false`: only `/endpoints/...`); with `--auth sigv4` they need a SageMaker signature too",
+        True,
     )
     access_log: bool = option(
         "--access-log", _bool,

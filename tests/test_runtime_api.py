@@ -434,3 +434,89 @@ def test_a_bad_config_file_exits_2_naming_the_key(tmp_path: Path, text: str, say
     assert result.returncode == 2, result.stderr
     [line] = result.stderr.splitlines()
     assert line.startswith("sagemaker-metrics-proxy: error: --config: ") and says in line, line
+
+
+# -- nothing under /endpoints/ passes unserved, nothing unsigned passes under SigV4 -------------------------
+
+
+@pytest.mark.parametrize(
+    ("path", "says"),
+    [
+        (f"/endpoints/{ENDPOINT}/async-invocations", "InvokeEndpointAsync"),
+        (f"/endpoints/{ENDPOINT}/invocations/", "Not an operation"),
+        ("/endpoints//invocations", "Not an operation"),
+        (f"/endpoints/{ENDPOINT}/x/invocations", "Not an operation"),
+        ("/endpoints", "Not an operation"),
+    ],
+)
+def test_a_path_under_endpoints_that_is_no_operation_is_refused_in_the_apis_shape(
+    model: Running, start_proxy: Callable[..., Proxy], path: str, says: str
+) -> None:
+    proxy = start_proxy(model.url)
+    answer = httpx.post(f"{proxy.url}{path}", content=BODY, headers={"Authorization": "Bearer must-not-reach-the-model"})
+    assert answer.status_code == 404 and answer.headers["x-amzn-errortype"] == "UnknownOperationException"
+    assert says in answer.json()["Message"]
+    assert received(model) == []
+    assert proxy.value("sagemaker_proxy_rejected_requests_total", reason="unknown_operation") == 1
+    assert proxy.value("sagemaker_invocations_total") == 0
+
+
+def test_invoke_endpoint_async_is_an_error_boto3_raises_not_a_success(model: Running, start_proxy: Callable[..., Proxy]) -> None:
+    proxy = start_proxy(model.url)
+    with pytest.raises(ClientError) as raised:
+        runtime(proxy).invoke_endpoint_async(EndpointName=ENDPOINT, InputLocation="s3://bucket/input.json")
+    assert raised.value.response["Error"]["Code"] == "UnknownOperationException"
+    assert received(model) == []
+
+
+def test_an_unknown_endpoint_is_told_only_to_a_signed_request(model: Running, start_proxy: Callable[..., Proxy], keys: Path) -> None:
+    proxy = start_proxy(model.url, "--auth", "sigv4", "--auth-credentials", str(keys))
+    unsigned = httpx.post(f"{proxy.url}/endpoints/nobody/invocations", content=BODY)
+    assert unsigned.status_code == 403 and unsigned.headers["x-amzn-errortype"] == "MissingAuthenticationTokenException"
+    with pytest.raises(ClientError) as raised:
+        runtime(proxy).invoke_endpoint(EndpointName="nobody", Body=BODY)
+    assert raised.value.response["Error"]["Code"] == "ValidationError" and "nobody" in raised.value.response["Error"]["Message"]
+    assert proxy.value("sagemaker_proxy_rejected_requests_total", reason="auth_failed") == 1
+    assert proxy.value("sagemaker_proxy_rejected_requests_total", reason="unknown_endpoint") == 1
+    assert received(model) == []
+
+
+def test_under_sigv4_the_native_routes_need_a_signature_too_and_the_signature_stays_here(
+    model: Running, start_proxy: Callable[..., Proxy], keys: Path
+) -> None:
+    from botocore.auth import SigV4Auth
+    from botocore.awsrequest import AWSRequest
+    from botocore.credentials import Credentials
+
+    proxy = start_proxy(model.url, "--auth", "sigv4", "--auth-credentials", str(keys), "--auth-region", "us-east-1")
+    url = f"{proxy.url}/invocations"
+    unsigned = httpx.post(url, content=BODY, headers={"Content-Type": "application/json"})
+    assert unsigned.status_code == 403 and "MissingAuthenticationTokenException" in unsigned.json()["error"]
+
+    def signed(region: str) -> dict[str, str]:
+        request = AWSRequest(method="POST", url=url, data=BODY, headers={"Content-Type": "application/json", "X-Custom": "kept"})
+        SigV4Auth(Credentials("AKIDEXAMPLE", "secret"), "sagemaker", region).add_auth(request)
+        return dict(request.headers.items())
+
+    answer = httpx.post(url, content=BODY, headers=signed("us-east-1"))
+    assert answer.status_code == 200, answer.text
+    [seen] = received(model)
+    names = {name.lower() for name, _ in seen["headers"]}
+    assert "authorization" not in names and "x-amz-date" not in names and "x-custom" in names
+    elsewhere = httpx.post(url, content=BODY, headers=signed("us-west-2"))
+    assert elsewhere.status_code == 403 and "region" in elsewhere.json()["error"]
+    with pytest.raises(ClientError) as raised:  # the Runtime API checks the region the same way
+        boto3.client("sagemaker-runtime", endpoint_url=proxy.url, aws_access_key_id="AKIDEXAMPLE", aws_secret_access_key="secret",
+                     region_name="us-west-2", config=Config(retries={"max_attempts": 1})).invoke_endpoint(EndpointName=ENDPOINT, Body=BODY)
+    assert raised.value.response["Error"]["Code"] == "InvalidSignatureException"
+    assert proxy.value("sagemaker_invocations_total") == 1
+    assert proxy.value("sagemaker_proxy_rejected_requests_total", reason="auth_failed") == 3
+
+
+def test_native_routes_off_serves_the_runtime_api_only(model: Running, start_proxy: Callable[..., Proxy]) -> None:
+    proxy = start_proxy(model.url, "--native-routes", "off")
+    answer = httpx.post(f"{proxy.url}/invocations", content=BODY)
+    assert answer.status_code == 404 and "Runtime API only" in answer.json()["error"]
+    assert runtime(proxy).invoke_endpoint(EndpointName=ENDPOINT, Body=BODY)["InvokedProductionVariant"] == "AllTraffic"
+    assert len(received(model)) == 1
+    assert proxy.value("sagemaker_proxy_rejected_requests_total", reason="unknown_operation") == 1

@@ -64,6 +64,7 @@ class ProxyApp:
         endpoints: Mapping[str, Sequence[Variant]] | None = None,
         auth: sigv4.CredentialsFile | None = None,
         log_access: bool = False,
+        native_routes: bool = True,
         tracing: Tracing | None = None,
         clock: Callable[[], int] = time.perf_counter_ns,
         random: Callable[[], float] = random.random,
@@ -81,7 +82,8 @@ class ProxyApp:
         self._in_flight = 0  # requests forwarded and not yet answered, all variants
         self._record = record
         self._count_tokens = count_tokens  # off only to measure what counting costs (benchmarks)
-        self._auth = auth  # SigV4 on the Runtime API
+        self._auth = auth  # SigV4 on the Runtime API, and on the native routes
+        self._native = native_routes  # off: only the Runtime API is served
         self._log_access = log_access  # one line per forwarded request (--access-log)
         self._tracing = tracing  # None: no tracing, and nothing of it on the request path
         self._reachability = _Reachability()
@@ -98,24 +100,41 @@ class ProxyApp:
         if scope["type"] != "http":
             return  # lifespan is handled by the server; websockets are refused by returning
         record = Invocation(self._clock())
-        front: Front
-        endpoint = self._first
         path: str = scope["path"]
-        call = api.target(path) if path[:11] == "/endpoints/" else None
-        if call is None:
-            front = Front(send)
+        if path[:10] != "/endpoints" or not api.in_api(path):
+            if not self._native:
+                await self._refuse(Front(send), Fault.UNKNOWN_OPERATION, "this proxy serves the SageMaker Runtime API only (--native-routes off)")
+                return
+            front = Front(send, signed=self._auth is not None)
+            endpoint = self._first
         else:
             # The SageMaker Runtime API: the same phases, its shapes on the way in and out.
-            front = RuntimeFront(send, call)
-            named = self._endpoints.get(call.endpoint)
+            call = api.target(path)
+            front = RuntimeFront(send, call or api.Target("", False))
+            named = self._endpoints.get(call.endpoint) if call is not None else None
             if named is None:
-                for message in api.unknown_endpoint(call.endpoint):
-                    await send(message)
+                await self._not_served(scope, receive, front, call)
                 return
             endpoint = named
         request = await self._accept(scope, receive, front, record, endpoint)
         if request is not None:
             await self._invoke(request, record, scope, receive, front)
+
+    async def _not_served(self, scope: Scope, receive: Receive, front: Front, call: api.Target | None) -> None:
+        """An endpoint or an operation this proxy does not serve. With SigV4 on, told only to a signed request:
+        nobody learns which endpoints exist without a key."""
+        if self._auth is not None:
+            body = await read_body(receive, self._max_payload)
+            if isinstance(body, Fault):
+                await self._refuse(front, body)
+                return
+            if await front.authenticated(scope, body, False, self._auth) is None:
+                self._first.default.recorder.rejected(Fault.AUTH_FAILED.reason)
+                return
+        if call is None:
+            await self._refuse(front, Fault.UNKNOWN_OPERATION, api.unknown_operation_message(scope["path"]))
+        else:
+            await self._refuse(front, Fault.UNKNOWN_ENDPOINT, api.unknown_endpoint_message(call.endpoint))
 
     # -- phase 1: accept, validate, choose the variant, read the body -------------------------------
 

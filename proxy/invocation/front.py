@@ -5,7 +5,7 @@ both and calls the front for what differs; it never asks which front it has."""
 from __future__ import annotations
 
 from proxy.errors import Fault, error_body
-from proxy.invocation.headers import TARGET_VARIANT_HEADER, VARIANT_HEADER
+from proxy.invocation.headers import REQUEST_DROP, TARGET_VARIANT_HEADER, VARIANT_HEADER
 from proxy.runtime import api, sigv4
 from proxy.types import Body, Headers, Scope, Send
 
@@ -18,12 +18,11 @@ ALLOW = b"GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS"
 class Front:
     """The native front: the request goes to the model as it came; refusals are a status and a short JSON error."""
 
-    __slots__ = ("send",)
+    __slots__ = ("send", "signed")
 
-    signed = False  # whether the request is authenticated with SigV4 when the proxy has credentials
-
-    def __init__(self, send: Send) -> None:
+    def __init__(self, send: Send, *, signed: bool = False) -> None:
         self.send = send
+        self.signed = signed  # authenticated with SigV4 (the proxy has credentials)
 
     def method_refusal(self, method: str) -> str | None:
         """Why this front does not take ``method``; None when it does."""
@@ -37,7 +36,15 @@ class Front:
         return (raw_path + b"?" + query if query else raw_path), headers, scope["path"]
 
     async def authenticated(self, scope: Scope, body: Body, targets_variant: bool, auth: sigv4.CredentialsFile) -> Headers | None:
-        raise AssertionError("the native front is not signed")
+        """The request's headers for the model once its signature checks out (the signed ones, never the
+        signature itself), or None once it was refused with 403."""
+        headers: Headers = scope["headers"]
+        try:
+            signed = _verified(scope, body, targets_variant, auth)
+        except sigv4.AuthError as e:
+            await self.refuse(Fault.AUTH_FAILED, f"{e.code}: {e.message}", None, "")
+            return None
+        return [(n, v) for n, v in headers if n in signed and n not in UNFORWARDED and n not in REQUEST_DROP]
 
     async def refuse(self, fault: Fault, message: str, server_timing: bytes | None, variant: str) -> None:
         body = error_body(message)
@@ -64,11 +71,9 @@ class RuntimeFront(Front):
 
     __slots__ = ("_api",)
 
-    signed = True
-
     def __init__(self, send: Send, call: api.Target) -> None:
         self._api = api.RuntimeSend(send, call)
-        super().__init__(self._api)
+        super().__init__(self._api, signed=True)
 
     def method_refusal(self, method: str) -> str | None:
         if method == "POST":
@@ -81,16 +86,12 @@ class RuntimeFront(Front):
     async def authenticated(self, scope: Scope, body: Body, targets_variant: bool, auth: sigv4.CredentialsFile) -> Headers | None:
         """The call's headers for the model (only those its signature covers), or None once it was refused:
         answered with the error botocore expects."""
-        headers: Headers = scope["headers"]
         try:
-            sigv4.verify(scope["method"], scope.get("raw_path") or scope["path"].encode(), scope.get("query_string", b""), headers, body, auth)
-            signed = sigv4.signed_headers(headers)
-            if targets_variant and TARGET_VARIANT_HEADER not in signed:
-                raise sigv4.AuthError("InvalidSignatureException", "X-Amzn-SageMaker-Target-Variant must be signed.")
+            signed = _verified(scope, body, targets_variant, auth)
         except sigv4.AuthError as e:
             await self._api.auth_error(e.code, e.message)
             return None
-        return api.request_headers(headers, self._api.streaming, signed)
+        return api.request_headers(scope["headers"], self._api.streaming, signed)
 
     async def refuse(self, fault: Fault, message: str, server_timing: bytes | None, variant: str) -> None:
         await self._api.refuse(fault, message)
@@ -100,3 +101,17 @@ class RuntimeFront(Front):
             return False
         await self._api.stream_error(fault)
         return True
+
+
+# What a signed native request never passes to the model: the signature, and what only the signature needs.
+UNFORWARDED = frozenset({b"authorization", b"x-amz-date", b"x-amz-content-sha256", b"x-amz-security-token", b"host", b"content-length"})
+
+
+def _verified(scope: Scope, body: Body, targets_variant: bool, auth: sigv4.CredentialsFile) -> frozenset[bytes]:
+    """The header names the request's valid signature covers; raises AuthError."""
+    headers: Headers = scope["headers"]
+    sigv4.verify(scope["method"], scope.get("raw_path") or scope["path"].encode(), scope.get("query_string", b""), headers, body, auth)
+    signed = sigv4.signed_headers(headers)
+    if targets_variant and TARGET_VARIANT_HEADER not in signed:
+        raise sigv4.AuthError("InvalidSignatureException", "X-Amzn-SageMaker-Target-Variant must be signed.")
+    return signed

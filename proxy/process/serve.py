@@ -209,7 +209,8 @@ def _proxy_app(
         record=settings.record_metrics,
         count_tokens=settings.count_tokens,
         endpoint_name=settings.endpoint_name,
-        auth=CredentialsFile(settings.auth_credentials) if settings.auth == "sigv4" and settings.auth_credentials else None,
+        auth=CredentialsFile(settings.auth_credentials, region=settings.auth_region) if settings.auth == "sigv4" and settings.auth_credentials else None,
+        native_routes=settings.native_routes,
     )
     return app, variants
 

@@ -51,6 +51,11 @@ class Target:
     streaming: bool
 
 
+def in_api(path: str) -> bool:
+    """Whether a path is the Runtime API's, served or not: nothing under /endpoints/ is forwarded as it is."""
+    return path.startswith(PREFIX) or path == PREFIX[:-1]
+
+
 def target(path: str) -> Target | None:
     """The Runtime API call a path names, or None if it is not one."""
     if not path.startswith(PREFIX):
@@ -98,6 +103,8 @@ _REFUSALS = {
     Fault.UPSTREAM_MALFORMED: (424, "ModelError"),
     Fault.UPSTREAM_TIMEOUT: (424, "ModelError"),
     Fault.INTERNAL: (500, "InternalFailure"),
+    Fault.UNKNOWN_OPERATION: (404, "UnknownOperationException"),
+    Fault.UNKNOWN_ENDPOINT: (400, "ValidationError"),
 }
 
 
@@ -121,8 +128,15 @@ def refusal(fault: Fault, message: str, endpoint: str) -> tuple[Message, Message
     return error_response(status, error_type, fields)
 
 
-def unknown_endpoint(endpoint: str) -> tuple[Message, Message]:
-    return error_response(400, "ValidationError", {"Message": f"Endpoint {endpoint} of account local not found."})
+def unknown_endpoint_message(endpoint: str) -> str:
+    return f"Endpoint {endpoint} of account local not found."
+
+
+def unknown_operation_message(path: str) -> str:
+    """What a path under /endpoints/ that names no operation served here gets told."""
+    if path.endswith("/async-invocations"):
+        return "InvokeEndpointAsync is not served by this proxy: use invocations or invocations-response-stream."
+    return "Not an operation of the SageMaker Runtime API: POST /endpoints/{EndpointName}/invocations or .../invocations-response-stream."
 
 
 def model_error(status: int, body: bytes, variant: str, endpoint: str) -> tuple[Message, Message]:

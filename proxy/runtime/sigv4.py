@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import logging
 import os
 import time
 from calendar import timegm
@@ -17,6 +18,8 @@ from pathlib import Path
 from urllib.parse import parse_qsl, quote
 
 from proxy.types import Body, Headers
+
+log = logging.getLogger("proxy.auth")
 
 SERVICE = "sagemaker"
 ALGORITHM = "AWS4-HMAC-SHA256"
@@ -35,12 +38,14 @@ class AuthError(Exception):
 class CredentialsFile:
     """Access key ids and their secrets, from ``path``, re-read (at most once a second) when it changes."""
 
-    def __init__(self, path: Path, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, path: Path, clock: Callable[[], float] = time.monotonic, *, region: str | None = None) -> None:
+        self.region = region  # the region a signature must be scoped to; None: any
         self._path = path
         self._clock = clock
         self._checked = 0.0
         self._mtime = -1.0
         self._secrets: dict[str, str] = {}
+        self._warned = False  # a bad file is said once, until it is read again
         self.reload()
 
     def reload(self) -> None:
@@ -64,8 +69,11 @@ class CredentialsFile:
             try:
                 if os.stat(self._path).st_mtime != self._mtime:
                     self.reload()
-            except (OSError, ValueError):
-                pass  # keep the last good keys; a half-written file is read again next second
+                    self._warned = False
+            except (OSError, ValueError) as e:
+                if not self._warned:  # keep the last good keys; a half-written file is read again next second
+                    self._warned = True
+                    log.warning("credentials file not reloaded, the keys read before stay in use: %s", e.strerror if isinstance(e, OSError) else e)
         return self._secrets.get(access_key_id)
 
 
@@ -116,6 +124,8 @@ def verify(
     access_key, date, region, service, _ = credential
     if service != SERVICE:
         raise AuthError("InvalidSignatureException", f"Credential should be scoped to correct service: '{SERVICE}'.")
+    if credentials.region is not None and region != credentials.region:
+        raise AuthError("InvalidSignatureException", f"Credential should be scoped to a valid region, not '{region[:40]}'.")
     secret = credentials.secret(access_key)
     if secret is None:
         raise AuthError("UnrecognizedClientException", "The security token included in the request is invalid.")
