@@ -596,6 +596,9 @@ class Settings:
         "an OTLP/HTTP collector, such as http://127.0.0.1:4318, to send traces to (needs the otel extra); tracing is also on where OTEL_EXPORTER_OTLP_ENDPOINT or OTEL_EXPORTER_OTLP_TRACES_ENDPOINT is set, and off under OTEL_SDK_DISABLED=true",
         None, absent="off",
     )
+    otel_shutdown_timeout: float = option(
+        "--otel-shutdown-timeout", _positive_float, "seconds at exit for the last spans to reach the OTLP collector; what is left is dropped and counted", 5.0,
+    )
     instance_id: str | None = option("--instance-id", _instance_id, "this instance in the Host dimension, `[endpoint]/[variant]/[instance-id]`", None, absent="the hostname")
     log_level: str = _log_level_option()
     # Benchmark-only (--no-record-metrics, not shown): forward without recording metrics, to measure what recording costs.

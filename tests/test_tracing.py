@@ -155,3 +155,30 @@ def test_without_an_endpoint_there_is_no_tracing(recording_model: Running, monke
     monkeypatch.setenv("OTEL_SDK_DISABLED", "true")
     off = start_proxy(recording_model.url)
     assert "trace_spans" not in httpx.get(f"{off.metrics_url}/metrics").text
+
+
+def test_a_collector_that_never_answers_holds_a_stop_no_longer_than_the_shutdown_timeout(
+    recording_model: Running, monkeypatch: pytest.MonkeyPatch, start_proxy: Callable[..., Proxy]
+) -> None:
+    import socket
+    import subprocess
+
+    blackhole = socket.socket()  # takes connections into its backlog and never answers
+    blackhole.bind(("127.0.0.1", 0))
+    blackhole.listen(64)
+    monkeypatch.setenv("OTEL_BSP_SCHEDULE_DELAY", "60000")  # the spans are still queued at the stop
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_TRACES_TIMEOUT", "30")
+    try:
+        proxy = start_proxy(recording_model.url, "--otel", f"http://127.0.0.1:{blackhole.getsockname()[1]}", "--otel-shutdown-timeout", "1", "--log-level", "info")
+        for _ in range(5):
+            assert httpx.post(f"{proxy.url}/invocations", content=b"{}", timeout=5).status_code == 200
+        stopped = time.monotonic()
+        proxy.proc.terminate()
+        try:
+            assert proxy.proc.wait(10) == 0
+        except subprocess.TimeoutExpired:
+            raise AssertionError("the stop waited on the collector") from None
+        assert time.monotonic() - stopped < 5
+        assert "queued spans dropped" in proxy.log.read_text()
+    finally:
+        blackhole.close()

@@ -91,10 +91,10 @@ class ProxyApp:
         self._model_path = next((p for m, p in sorted(invocation_routes) if m == "POST"), "/invocations").encode()
         self._clock = clock
 
-    def shutdown(self) -> None:
-        """At exit, after the drain: the spans still queued go to the collector."""
+    def shutdown(self, timeout_s: float = 5.0) -> None:
+        """At exit, after the drain: the spans still queued go to the collector, for at most ``timeout_s``."""
         if self._tracing is not None:
-            self._tracing.shutdown()
+            self._tracing.shutdown(timeout_s)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":

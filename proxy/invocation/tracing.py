@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -90,12 +91,21 @@ class Tracing:
                 super().on_end(span)
 
         processor.__class__ = CountingProcessor
+        self._processor = processor
         self.provider.add_span_processor(processor)
         self.tracer = self.provider.get_tracer("sagemaker-metrics-proxy")
         log.info("tracing: exporting spans over OTLP/HTTP to %s", endpoint or "the OTEL_EXPORTER_OTLP_* endpoint")
 
-    def shutdown(self) -> None:
-        self.provider.shutdown()
+    def shutdown(self, timeout_s: float) -> None:
+        """At exit: the queued spans go to the collector for at most ``timeout_s``; what is left then is dropped,
+        counted and said (a collector that is down must not hold a stop past the orchestrator's grace)."""
+        worker = threading.Thread(target=self.provider.shutdown, name="otel-shutdown", daemon=True)
+        worker.start()
+        worker.join(timeout_s)
+        if worker.is_alive():
+            left = _queued(self._processor)
+            self.dropped.inc(left)
+            log.warning("tracing: the collector did not take the last spans within %g s (--otel-shutdown-timeout); %d queued spans dropped", timeout_s, left)
 
     # -- the request path ---------------------------------------------------------------------------------
 
@@ -168,3 +178,9 @@ class Tracing:
     def wall_offset(clock_ns: int) -> int:
         """What to add to a monotonic reading to get Unix nanoseconds."""
         return time.time_ns() - clock_ns
+
+
+def _queued(processor: Any) -> int:
+    """Spans waiting in a batch processor's queue (its internals: 0 where they are not found)."""
+    queue = getattr(getattr(processor, "_batch_processor", None), "_queue", None)
+    return len(queue) if queue is not None else 0

@@ -257,7 +257,7 @@ async def serve(settings: Settings, proxy_sock: socket.socket, admin_sock: socke
     status = _ExitStatus(proxy_server)
     _log_start(settings)
     async with contextlib.AsyncExitStack() as pieces:
-        pieces.callback(app.shutdown)
+        pieces.callback(app.shutdown, settings.otel_shutdown_timeout)
         await pieces.enter_async_context(variants)
         await pieces.enter_async_context(background)  # its last CloudWatch period is flushed after the drain
         await pieces.enter_async_context(serving(listener(admin, settings, name="admin port"), admin_sock))
@@ -353,7 +353,7 @@ async def _serve_worker(settings: Settings, proxy_sock: socket.socket, multiproc
     server = listener(app, settings, on_refused=_count_refusals(variants), name=f"proxy port, worker {index}")
     stop_on_signals(server)
     async with contextlib.AsyncExitStack() as pieces:
-        pieces.callback(app.shutdown)
+        pieces.callback(app.shutdown, settings.otel_shutdown_timeout)
         await pieces.enter_async_context(variants)
         await pieces.enter_async_context(background)
         if settings.model_command:  # the supervisor runs the model; each worker waits for its ping
