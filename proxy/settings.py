@@ -351,6 +351,16 @@ def _region(raw: str) -> str:
     return raw
 
 
+def _nonnegative_float(raw: str) -> float:
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ValueError(f"must be a number of seconds, got {raw!r}") from None
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(f"must be a number of seconds, 0 or more, got {raw!r}")
+    return value
+
+
 def _command(raw: str) -> str:
     if not raw.strip():
         raise ValueError("must be a command line, got an empty one")
@@ -570,6 +580,9 @@ class Settings:
     max_request_head_bytes: int = option("--max-request-head-bytes", _int_between(1024, 1 << 24), "the request line and headers together (and a chunked body's trailers); larger heads get 431", 64 * 1024)
     max_request_headers: int = option("--max-request-headers", _int_between(1, 10_000), "most request headers (and trailers); more get 431", 100)
     max_connections: int = option("--max-connections", _int_between(1, 1_000_000), "open client connections per process (per worker); new ones past it are closed at once", 10_000)
+    admin_linger: float = option(
+        "--admin-linger", _nonnegative_float, "seconds the admin port keeps answering after the proxy port has drained at a stop, so that a last scrape sees every invocation", 2.0,
+    )
     workers: int = option("--workers", _int_between(1, 64), "worker processes sharing the proxy port; metrics are merged into one set", 1)
     cloudwatch_namespace: str = option("--cloudwatch-namespace", _namespace, "CloudWatch namespace for the invocation metrics; refused if it starts with `AWS/`", "SageMakerProxy")
     cloudwatch: CloudWatchOptions = group(CloudWatchOptions)

@@ -151,7 +151,7 @@ def start_proxy(tmp_path: Path) -> Iterator[Callable[..., Proxy]]:
         args = [
             "-m", "proxy", "serve", *(("--upstream", upstream) if upstream else ()), "--host", "127.0.0.1",
             "--port", str(port), "--metrics-port", str(metrics_port), *(() if "--config" in flags else ("--endpoint-name", "test-endpoint")),
-            "--log-level", "warning", *flags,
+            "--log-level", "warning", "--admin-linger", "0", *flags,  # a stop need not wait for a last scrape here
         ]
         running = start(args, port, log, wait_port=metrics_port)
         wait_for_port(port, running.proc)

@@ -100,3 +100,29 @@ def test_readyz_with_workers_turns_ready_once_a_late_model_answers(tmp_path: Pat
         assert httpx.get(f"{proxy.metrics_url}/readyz").status_code == 200
     finally:
         model.stop()
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_after_sigterm_the_last_scrape_sees_every_invocation_in_flight(model: Running, start_proxy: Callable[..., Proxy], workers: str) -> None:
+    import concurrent.futures
+
+    proxy = start_proxy(model.url, "--workers", workers, "--admin-linger", "1.5")
+    if workers == "2":
+        wait_for_workers(proxy, 2)
+    with concurrent.futures.ThreadPoolExecutor(20) as pool:
+        calls = [
+            pool.submit(httpx.post, f"{proxy.url}/invocations", json=IRIS, headers={"X-Test-Delay-Ms": "800", "Connection": "close"}, timeout=10)
+            for _ in range(20)
+        ]
+        deadline = time.monotonic() + 5
+        while proxy.value("sagemaker_concurrent_requests_per_model") < 20:
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        proxy.proc.send_signal(signal.SIGTERM)
+        assert [c.result().status_code for c in calls] == [200] * 20
+    deadline = time.monotonic() + 5
+    while proxy.value("sagemaker_invocations_total") < 20:  # the admin port is still up after the drain
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    assert proxy.value("sagemaker_invocations_total") == 20
+    assert proxy.proc.wait(15) == 0

@@ -265,7 +265,15 @@ async def serve(settings: Settings, proxy_sock: socket.socket, admin_sock: socke
             gate = await pieces.enter_async_context(_gate(settings, variants.clients()))
             await pieces.enter_async_context(_model(settings, registry, background, variants.clients(), status, gate.close))
         await proxy_server.serve(proxy_sock)
+        await _linger(settings)
     return status.code
+
+
+async def _linger(settings: Settings) -> None:
+    """After the drain, the admin port answers a while longer, so that a last scrape sees every invocation."""
+    if settings.admin_linger:
+        log.info("drained; the admin port answers for %g s more (--admin-linger)", settings.admin_linger)
+        await asyncio.sleep(settings.admin_linger)
 
 
 class _ExitStatus:
@@ -403,10 +411,12 @@ class _Workers:
         self._workers: list[BaseProcess] = []
         self._watch: asyncio.Task[None] | None = None
         self.stopping = False
+        self.stopped = asyncio.Event()
 
     def stop(self) -> None:
         """On SIGINT (which the workers get too) or SIGTERM: a worker exiting now is not replaced."""
         self.stopping = True
+        self.stopped.set()
 
     def _start(self, index: int) -> BaseProcess:
         worker = self._context.Process(
@@ -432,14 +442,20 @@ class _Workers:
                     self._workers[i] = self._start(i)
 
     async def __aexit__(self, *exc: object) -> None:
+        await self.drain()
+
+    async def drain(self) -> None:
+        """Each worker drains its requests and exits (SIGTERM); their last counts stay in the files."""
         from prometheus_client import multiprocess
 
+        self.stopping = True
         if self._watch is not None:
             self._watch.cancel()
             await asyncio.gather(self._watch, return_exceptions=True)
-        for worker in self._workers:
+        workers, self._workers = self._workers, []
+        for worker in workers:
             worker.terminate()
-        for worker in self._workers:
+        for worker in workers:
             await asyncio.to_thread(worker.join, 15)
             multiprocess.mark_process_dead(worker.pid, self._multiproc_dir)
 
@@ -463,8 +479,8 @@ async def _supervise(
     readiness = build_variants(settings, InvocationMetrics(CollectorRegistry()), {}, count=False)
     admin_server = listener(create_admin_app(collect, readiness.clients(), ping_path=settings.ping_path), settings, name="admin port")
     workers = _Workers(settings, proxy_sock, multiproc_dir)
-    stop_on_signals(workers, admin_server)
-    status = _ExitStatus(workers, admin_server)
+    stop_on_signals(workers)
+    status = _ExitStatus(workers)
     _log_start(settings)
     async with contextlib.AsyncExitStack() as pieces:
         await pieces.enter_async_context(readiness)
@@ -472,7 +488,11 @@ async def _supervise(
         if settings.model_command:  # stopped after the workers have drained
             await pieces.enter_async_context(_model(settings, own, background, readiness.clients(), status))
         await pieces.enter_async_context(workers)
-        await admin_server.serve(admin_sock)
+        # The admin port answers until every worker has drained, and a little longer: the last scrape sees it all.
+        await pieces.enter_async_context(serving(admin_server, admin_sock))
+        await workers.stopped.wait()
+        await workers.drain()
+        await _linger(settings)
     return status.code
 
 
