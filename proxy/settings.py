@@ -536,6 +536,10 @@ class Settings:
         frozenset({("POST", "/invocations")}), shown="POST /invocations", repeatable=True, collect=frozenset,
     )
     max_payload_bytes: int = option("--max-payload-bytes", _int_between(1, 1 << 40), "larger request bodies get 413", 6 * 1024 * 1024)
+    max_buffered_bytes: int = option(
+        "--max-buffered-bytes", _int_between(1, 1 << 44),
+        "request body bytes held at once per process (bodies are read whole before forwarding); a body past it gets 503 before it is read", 256 << 20,
+    )
     invocation_timeout: float = option("--invocation-timeout", _positive_float, "seconds waiting on the model: to the response head, and between body chunks (time blocked on a slow client does not count); then 504", 60.0)
     client_write_timeout: float = option(
         "--client-write-timeout", _positive_float,
@@ -636,6 +640,8 @@ class Settings:
             raise ConfigError(f"--port and --metrics-port must differ, both are {self.port}")
         if self.variant and self.upstream:
             raise ConfigError("--upstream and --variant exclude each other: give the instances of each variant in --variant NAME=URL[,URL...]:WEIGHT")
+        if self.max_buffered_bytes < self.max_payload_bytes:
+            raise ConfigError(f"--max-buffered-bytes ({self.max_buffered_bytes}) must be at least --max-payload-bytes ({self.max_payload_bytes}), or no body of the largest size is ever read")
         if self.auth == "sigv4" and self.auth_credentials is None:
             raise ConfigError("--auth sigv4 needs --auth-credentials FILE")
         names = [v.name for v in self.variant]

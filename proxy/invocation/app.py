@@ -56,6 +56,7 @@ class ProxyApp:
         invocation_routes: frozenset[tuple[str, str]],
         max_payload_bytes: int,
         invocation_timeout: float,
+        max_buffered_bytes: int = 256 << 20,
         client_write_timeout: float = 60.0,
         max_concurrency: int = 0,
         record: bool = True,
@@ -76,6 +77,7 @@ class ProxyApp:
         self._random = random
         self._routes = invocation_routes
         self._max_payload = max_payload_bytes
+        self._budget = BodyBudget(max_buffered_bytes)
         self._deadlines = Deadlines(invocation_timeout, client_write_timeout)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._max_concurrency = max_concurrency  # 0: no limit
@@ -106,25 +108,28 @@ class ProxyApp:
                 await self._refuse(Front(send), Fault.UNKNOWN_OPERATION, "this proxy serves the SageMaker Runtime API only (--native-routes off)")
                 return
             front = Front(send, signed=self._auth is not None)
-            endpoint = self._first
+            endpoint: Endpoint | None = self._first
+            call = None
         else:
             # The SageMaker Runtime API: the same phases, its shapes on the way in and out.
             call = api.target(path)
             front = RuntimeFront(send, call or api.Target("", False))
-            named = self._endpoints.get(call.endpoint) if call is not None else None
-            if named is None:
-                await self._not_served(scope, receive, front, call)
-                return
-            endpoint = named
-        request = await self._accept(scope, receive, front, record, endpoint)
-        if request is not None:
-            await self._invoke(request, record, scope, receive, front)
+            endpoint = None if call is None else self._endpoints.get(call.endpoint)
+        try:
+            if endpoint is None:
+                await self._not_served(scope, receive, front, record, call)
+            else:
+                request = await self._accept(scope, receive, front, record, endpoint)
+                if request is not None:
+                    await self._invoke(request, record, scope, receive, front)
+        finally:
+            self._budget.left += record.held  # the body's bytes, given back
 
-    async def _not_served(self, scope: Scope, receive: Receive, front: Front, call: api.Target | None) -> None:
+    async def _not_served(self, scope: Scope, receive: Receive, front: Front, record: Invocation, call: api.Target | None) -> None:
         """An endpoint or an operation this proxy does not serve. With SigV4 on, told only to a signed request:
         nobody learns which endpoints exist without a key."""
         if self._auth is not None:
-            body = await read_body(receive, self._max_payload)
+            body = await read_body(receive, self._max_payload, self._budget, record, None)
             if isinstance(body, Fault):
                 await self._refuse(front, body)
                 return
@@ -152,7 +157,7 @@ class ProxyApp:
         if variant is None and not authenticate:
             await self._refuse_variant(front, target_variant, endpoint)
             return None
-        body = await read_body(receive, self._max_payload)
+        body = await read_body(receive, self._max_payload, self._budget, record, declared)
         if isinstance(body, Fault):
             await self._refuse(front, body, variant=variant or endpoint.default)
             return None
@@ -325,10 +330,31 @@ def _head_refusal(scope: Scope, front: Front, declared: int | None, max_payload:
     return None
 
 
-async def read_body(receive: Receive, max_payload: int) -> Body | Fault:
-    """The whole request body, bounded by the max payload: a slow uploader costs overhead, not model time.
+class BodyBudget:
+    """The request bytes this process holds at once (read whole before forwarding): a body that would go past
+    it is refused with 503 before it is read, so memory stays bounded whatever the clients send."""
+
+    __slots__ = ("left",)
+
+    def __init__(self, max_bytes: int) -> None:
+        self.left = max_bytes
+
+    def take(self, n: int) -> bool:
+        if n > self.left:
+            return False
+        self.left -= n
+        return True
+
+
+async def read_body(receive: Receive, max_payload: int, budget: BodyBudget, record: Invocation, declared: int | None) -> Body | Fault:
+    """The whole request body, bounded by the max payload and the process's budget (what it takes is in
+    ``record.held``, to give back): a slow uploader costs overhead, not model time.
 
     A large body stays in the chunks it came in, which go to the model in one gathered write: no copy here."""
+    if declared:
+        if not budget.take(declared):
+            return Fault.BODY_BUDGET
+        record.held = declared
     message: Message = await receive()
     if message["type"] == "http.disconnect":
         return message.get(FAULT_KEY, Fault.CLIENT_DISCONNECT_EARLY)
@@ -345,5 +371,9 @@ async def read_body(receive: Receive, max_payload: int) -> Body | Fault:
         size += len(chunk)
         if size > max_payload:
             return Fault.PAYLOAD_TOO_LARGE
+        if size > record.held:  # a body of no declared length takes its budget as it comes
+            if not budget.take(size - record.held):
+                return Fault.BODY_BUDGET
+            record.held = size
         chunks.append(chunk)
     return chunks if size >= GATHER_BYTES else b"".join(chunks)

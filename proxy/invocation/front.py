@@ -11,7 +11,7 @@ from proxy.types import Body, Headers, Scope, Send
 
 # Refusals after which the connection cannot be trusted to be at a request boundary: an oversized
 # upload or a tunnel is not drained, and a broken or stalled body has no end to find.
-CLOSE_AFTER = frozenset({Fault.PAYLOAD_TOO_LARGE, Fault.METHOD_NOT_ALLOWED, Fault.BODY_TIMEOUT, Fault.MALFORMED_REQUEST})
+CLOSE_AFTER = frozenset({Fault.PAYLOAD_TOO_LARGE, Fault.BODY_BUDGET, Fault.METHOD_NOT_ALLOWED, Fault.BODY_TIMEOUT, Fault.MALFORMED_REQUEST})
 ALLOW = b"GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS"
 
 

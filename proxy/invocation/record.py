@@ -39,6 +39,7 @@ class Invocation:
     fault: Fault | None = None
     responded: bool = False  # the response head was handed to the server
     request_bytes: int = 0
+    held: int = 0  # of the process's budget for request bodies, given back when the request ends
     response_bytes: int = 0
     input_tokens: int = 0  # OpenAI-compatible responses (proxy.invocation.tokens)
     output_tokens: int = 0

@@ -203,6 +203,7 @@ def _proxy_app(
         tracing=Tracing(registry, settings.otel) if tracing_wanted(settings.otel) else None,
         invocation_routes=settings.invocation_routes,
         max_payload_bytes=settings.max_payload_bytes,
+        max_buffered_bytes=settings.max_buffered_bytes,
         invocation_timeout=settings.invocation_timeout,
         client_write_timeout=settings.client_write_timeout,
         max_concurrency=settings.max_concurrency,
