@@ -537,6 +537,19 @@ def test_pipelined_good_request_then_garbage(serve: Callable[..., Proxy], model:
     finish(proxy, model, [("POST", "/invocations", b'{"x": 1}')], invocations=1, malformed_request=1)
 
 
+def test_uvicorn_pipelined_good_requests_then_garbage_is_a_documented_limit_but_counted_honestly(serve: Callable[..., Proxy], model: Model) -> None:
+    """The fallback's limit (README, The front door): uvicorn answers its own 400 for the garbage at once and
+    closes, so the good requests before it get nothing. None of them is half-counted: the one the app took sees
+    the client gone before the model is called (no invocation, no error class), the others never reach the app."""
+    proxy = serve("uvicorn")
+    c = Client(proxy.port)
+    c.send(post() * 3 + b"\x16\x03\x01 this is not http\r\n\r\n")
+    assert_uvicorn_400(c.response(), c)
+    finish(proxy, model, [], invocations=0, client_disconnect=1)
+    assert proxy.value("sagemaker_proxy_upstream_errors_total", reason="internal_error") == 0
+    assert proxy.value("sagemaker_mid_stream_errors_total") == 0
+
+
 # -- head limits -------------------------------------------------------------------------------------------
 
 

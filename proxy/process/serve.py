@@ -13,7 +13,7 @@ import socket
 import tempfile
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping
 from multiprocessing.process import BaseProcess
-from typing import Protocol
+from typing import Any, Protocol
 
 import uvicorn
 from prometheus_client import CollectorRegistry
@@ -70,14 +70,28 @@ class _HttpProtocol(HttpToolsProtocol):
         if self.parser.get_method() == b"CONNECT":
             self.url = b"/"  # the authority is never used: only the configured model is contacted
         super().on_headers_complete()
+        # Every request of this connection not answered yet: uvicorn keeps only the newest as self.cycle.
+        self._open_cycles = [c for c in getattr(self, "_open_cycles", ()) if not c.response_complete] + [self.cycle]
 
     def connection_lost(self, exc: Exception | None) -> None:
         cycle = self.cycle
         super().connection_lost(exc)
+        self._disconnected(cycle)
+
+    def send_400_response(self, msg: str) -> None:
+        # uvicorn answers a parse error mid-pipeline itself and closes the transport, but tells the request in
+        # flight only later: its answer would go to a closed transport and fail as an error of the proxy.
+        super().send_400_response(msg)
+        for cycle in getattr(self, "_open_cycles", ()):
+            cycle.disconnected = True
+            self._disconnected(cycle)
+
+    @staticmethod
+    def _disconnected(cycle: Any) -> None:
         if cycle is not None and not cycle.response_complete:
-            callbacks: list[Callable[[], None]] = cycle.scope.get("extensions", {}).get(DISCONNECT_EXTENSION, [])  # type: ignore[assignment]
-            for callback in callbacks:
-                callback()
+            callbacks: list[Callable[[], None]] = cycle.scope.get("extensions", {}).get(DISCONNECT_EXTENSION, [])
+            while callbacks:
+                callbacks.pop()()
 
 
 class _Uvicorn(uvicorn.Server):
