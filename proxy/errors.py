@@ -36,6 +36,9 @@ class Fault(enum.Enum):
     HEAD_TOO_LARGE = ("head_too_large", 431, False, "request head too large")
     UPGRADE_REFUSED = ("upgrade_refused", 400, False, "protocol upgrades (WebSocket) are not supported through this proxy")
     TOO_MANY_CONNECTIONS = ("too_many_connections", None, False, "too many open connections")
+    ADMIN_TOO_MANY_CONNECTIONS = ("admin_too_many_connections", None, False, "too many open connections to the admin port")
+    IDLE_CONNECTION = ("idle_connection", None, False, "a new connection sent no request within the head timeout")
+    UNSUPPORTED_TRANSFER_CODING = ("unsupported_transfer_coding", 501, False, "transfer codings other than chunked are not supported")
 
     # The model was called and the call failed: an invocation and a model error.
     UPSTREAM_CONNECT = ("connect_failed", 502, True, "could not connect to the model")

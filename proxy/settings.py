@@ -587,6 +587,9 @@ class Settings:
     admin_linger: float = option(
         "--admin-linger", _nonnegative_float, "seconds the admin port keeps answering after the proxy port has drained at a stop, so that a last scrape sees every invocation", 2.0,
     )
+    admin_max_connections: int = option(
+        "--admin-max-connections", _int_between(1, 100_000), "open connections to the admin port per process; its own limit, so a flood on the proxy port leaves `/metrics` and the probes answering", 64,
+    )
     workers: int = option("--workers", _int_between(1, 64), "worker processes sharing the proxy port; metrics are merged into one set", 1)
     cloudwatch_namespace: str = option("--cloudwatch-namespace", _namespace, "CloudWatch namespace for the invocation metrics; refused if it starts with `AWS/`", "SageMakerProxy")
     cloudwatch: CloudWatchOptions = group(CloudWatchOptions)

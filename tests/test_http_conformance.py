@@ -385,7 +385,7 @@ def test_new_connection_sending_nothing_is_closed_silently_after_the_head_timeou
     assert c.closed(HEAD_TIMEOUT + 2.0), c.transcript()
     assert c.unread == b"", c.transcript()
     assert_took(opened, HEAD_TIMEOUT)
-    finish(proxy, model, [], invocations=0, head_timeout=1)
+    finish(proxy, model, [], invocations=0, idle_connection=1)  # no request was refused: it sent none
 
 
 @pytest.mark.parametrize("server", uvicorn_xfail("uvicorn has no head timeout: a half-sent head holds the connection forever"))
@@ -548,6 +548,71 @@ def test_uvicorn_pipelined_good_requests_then_garbage_is_a_documented_limit_but_
     finish(proxy, model, [], invocations=0, client_disconnect=1)
     assert proxy.value("sagemaker_proxy_upstream_errors_total", reason="internal_error") == 0
     assert proxy.value("sagemaker_mid_stream_errors_total") == 0
+
+
+@pytest.mark.parametrize("server", uvicorn_xfail("uvicorn passes the request on and the gzip coding is lost unseen"))
+@pytest.mark.parametrize("coding", [b"gzip, chunked", b"deflate,chunked", b"identity, chunked"])
+def test_a_transfer_coding_other_than_chunked_gets_501_and_never_reaches_the_model(
+    serve: Callable[..., Proxy], model: Model, server: str, coding: bytes
+) -> None:
+    proxy = serve(server)
+    c = Client(proxy.port)
+    c.send(b"POST /invocations HTTP/1.1\r\nHost: test\r\nTransfer-Encoding: %s\r\n\r\n2\r\nok\r\n0\r\n\r\n" % coding)
+    assert_refusal(c.response(), c, 501)
+    finish(proxy, model, [], invocations=0, unsupported_transfer_coding=1)
+
+
+@pytest.mark.parametrize("server", uvicorn_xfail("uvicorn forwards a request without a Host, or with two"))
+@pytest.mark.parametrize(
+    "head",
+    [
+        b"POST /invocations HTTP/1.1\r\nContent-Length: 2\r\n\r\nok",
+        b"POST /invocations HTTP/1.1\r\nHost: a\r\nHost: b\r\nContent-Length: 2\r\n\r\nok",
+    ],
+    ids=["http11-without-host", "two-hosts"],
+)
+def test_a_missing_or_doubled_host_gets_400(serve: Callable[..., Proxy], model: Model, server: str, head: bytes) -> None:
+    proxy = serve(server)
+    c = Client(proxy.port)
+    c.send(head)
+    assert_refusal(c.response(), c, 400)
+    finish(proxy, model, [], invocations=0, malformed_request=1)
+
+
+@pytest.mark.parametrize("server", SERVERS)
+def test_http10_needs_no_host(serve: Callable[..., Proxy], model: Model, server: str) -> None:
+    proxy = serve(server)
+    c = Client(proxy.port)
+    c.send(b"POST /invocations HTTP/1.0\r\nContent-Type: application/json\r\nContent-Length: 8\r\n\r\n{\"x\": 1}")
+    assert_ok(c.response(), c)
+    finish(proxy, model, [("POST", "/invocations", b'{"x": 1}')], invocations=1)
+
+
+def test_the_admin_port_has_its_own_connection_limit(serve: Callable[..., Proxy], model: Model) -> None:
+    proxy = serve("builtin", "--max-connections", "20", "--admin-max-connections", "8")
+    held = [socket.create_connection(("127.0.0.1", proxy.port)) for _ in range(20)]  # the proxy port is full
+    admin = [socket.create_connection(("127.0.0.1", proxy.metrics_port)) for _ in range(8)]
+    try:
+        time.sleep(0.2)
+        extra = socket.create_connection(("127.0.0.1", proxy.metrics_port))  # past the admin port's own limit: closed at once
+        extra.settimeout(2)
+        assert extra.recv(1) == b""
+        extra.close()
+        for s in admin:
+            s.close()
+        deadline = time.monotonic() + 3
+        while True:  # with the proxy port still full, the probes and the scrape answer
+            try:
+                if httpx.get(f"{proxy.metrics_url}/healthz", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        assert proxy.value("sagemaker_proxy_rejected_requests_total", reason="admin_too_many_connections") == 1
+    finally:
+        for s in held:
+            s.close()
 
 
 # -- head limits -------------------------------------------------------------------------------------------

@@ -325,6 +325,30 @@ class _Cycle:
 
 
 
+def _framing(headers: Headers, version: str) -> tuple[bool, bool, int]:
+    """Whether the request expects a 100, has a body, and its length (0 if chunked); raises _Refusal for a
+    transfer coding other than chunked (501: it would be dropped unseen) and for a missing or doubled Host
+    (400, RFC 9112 3.2: which authority is meant would be a guess)."""
+    expect = has_body = False
+    length = hosts = 0
+    for name, value in headers:
+        if name == b"expect" and value.lower() == b"100-continue":
+            expect = True
+        elif name == b"content-length":
+            if value != b"0":
+                has_body = True
+                length = int(value)  # llhttp has checked it is one valid number
+        elif name == b"transfer-encoding":
+            has_body = True
+            if value.strip(b" \t").lower() != b"chunked":
+                raise _Refusal(Fault.UNSUPPORTED_TRANSFER_CODING)
+        elif name == b"host":
+            hosts += 1
+    if hosts > 1 or (hosts == 0 and version == "1.1"):
+        raise _Refusal(Fault.MALFORMED_REQUEST)
+    return expect, has_body, length
+
+
 def _target(url: bytes, method: str) -> tuple[bytes, bytes]:
     """The path and query of a request target; the authority of an absolute-form target is never used: only
     the configured model is contacted."""
@@ -617,18 +641,7 @@ class _Connection(asyncio.Protocol):
             "extensions": {DISCONNECT_EXTENSION: []},
         }
         keep_alive = parser.should_keep_alive() and method != "CONNECT"
-        expect = False
-        has_body = False
-        length = 0
-        for name, value in self.headers:
-            if name == b"expect" and value.lower() == b"100-continue":
-                expect = True
-            elif name == b"content-length":
-                if value != b"0":
-                    has_body = True
-                    length = int(value)  # llhttp has checked it is one valid number
-            elif name == b"transfer-encoding":
-                has_body = True
+        expect, has_body, length = _framing(self.headers, version)
         cycle = _Cycle(self, scope, keep_alive, expect and has_body and version == "1.1")
         cycle.body_left = length
         if upgrading and method != "CONNECT" and has_body:
@@ -791,7 +804,7 @@ class _Connection(asyncio.Protocol):
             else:
                 self.close()
         elif kind == _NEW:
-            self.server.on_refused(Fault.HEAD_TIMEOUT)
+            self.server.on_refused(Fault.IDLE_CONNECTION)  # no request was refused: a connection sent none
             self.abort()
         elif kind == _HEAD:
             self._refuse(Fault.HEAD_TIMEOUT)

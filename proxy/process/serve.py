@@ -148,11 +148,17 @@ class _Named:
 
 
 def listener(
-    app: ASGIApp, settings: Settings | MonitorSettings, on_refused: Callable[[Fault], None] | None = None, *, name: str
+    app: ASGIApp, settings: Settings | MonitorSettings, on_refused: Callable[[Fault], None] | None = None, *, name: str, admin: bool = False
 ) -> Listener:
-    """The server for one port: the built-in front door, or uvicorn where ``--http-server uvicorn`` asks for it."""
+    """The server for one port: the built-in front door, or uvicorn where ``--http-server uvicorn`` asks for it.
+    The admin port is always the built-in server, with a connection limit of its own: a flood of connections
+    to the proxy port must not take /healthz and /metrics down with it."""
     if not isinstance(settings, Settings):
         return _Named(HttpServer(app), name, "built-in HTTP/1.1 server")
+    if admin:
+        count = on_refused or (lambda fault: None)
+        limits = Limits(max_connections=settings.admin_max_connections, keep_alive_timeout=settings.keep_alive_timeout)
+        return _Named(HttpServer(app, limits, on_refused=lambda fault: count(ADMIN_REFUSALS.get(fault, fault))), name, "built-in HTTP/1.1 server")
     if settings.http_server == "uvicorn":
         return _Named(UvicornListener(app, settings), name, "uvicorn")
     limits = Limits(
@@ -165,6 +171,9 @@ def listener(
         write_timeout=settings.client_write_timeout,
     )
     return _Named(HttpServer(app, limits, on_refused=on_refused), name, "built-in HTTP/1.1 server")
+
+
+ADMIN_REFUSALS = {Fault.TOO_MANY_CONNECTIONS: Fault.ADMIN_TOO_MANY_CONNECTIONS}
 
 
 def bind(host: str, port: int) -> socket.socket:
@@ -275,7 +284,7 @@ async def serve(settings: Settings, proxy_sock: socket.socket, admin_sock: socke
         pieces.callback(app.shutdown, settings.otel_shutdown_timeout)
         await pieces.enter_async_context(variants)
         await pieces.enter_async_context(background)  # its last CloudWatch period is flushed after the drain
-        await pieces.enter_async_context(serving(listener(admin, settings, name="admin port"), admin_sock))
+        await pieces.enter_async_context(serving(listener(admin, settings, _count_refusals(variants), name="admin port", admin=True), admin_sock))
         if settings.model_command:  # the model stops after the drain, and the port takes no call while it is down
             gate = await pieces.enter_async_context(_gate(settings, variants.clients()))
             await pieces.enter_async_context(_model(settings, registry, background, variants.clients(), status, gate.close))
@@ -491,8 +500,10 @@ async def _supervise(
 
     # /readyz: the supervisor's own clients, from the workers' builder, health loops running (a balanced client
     # without its loop would take an instance out for good at one refused ping of a model still starting).
-    readiness = build_variants(settings, InvocationMetrics(CollectorRegistry()), {}, count=False)
-    admin_server = listener(create_admin_app(collect, readiness.clients(), ping_path=settings.ping_path), settings, name="admin port")
+    # Their recorders are the supervisor's (merged with the workers' at a scrape): what its admin port refuses counts.
+    readiness = build_variants(settings, InvocationMetrics(own), {}, count=False)
+    admin_app = create_admin_app(collect, readiness.clients(), ping_path=settings.ping_path)
+    admin_server = listener(admin_app, settings, _count_refusals(readiness), name="admin port", admin=True)
     workers = _Workers(settings, proxy_sock, multiproc_dir)
     stop_on_signals(workers)
     status = _ExitStatus(workers)
