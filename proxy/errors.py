@@ -26,6 +26,7 @@ class Fault(enum.Enum):
     CLIENT_DISCONNECT_EARLY = ("client_disconnect", None, False, "client disconnected before the request was forwarded")
     NO_LIVE_INSTANCE = ("no_live_instance", 503, False, "no live model instance")
     OVER_CAPACITY = ("over_capacity", 503, False, "too many requests in flight")
+    LOOP_DETECTED = ("loop_detected", 508, False, "this request has been through this proxy already: its model address leads back here")
     BODY_BUDGET = ("body_budget", 503, False, "too many request bytes held at once; try again")
     AUTH_FAILED = ("auth_failed", 403, False, "the request's AWS signature is missing or invalid")
     UNKNOWN_OPERATION = ("unknown_operation", 404, False, "not an operation this proxy serves")

@@ -664,7 +664,16 @@ def _is_own_address(url: str, host: str, ports: tuple[int, ...]) -> bool:
     if parts.port not in ports:
         return False
     target = (parts.hostname or "").lower()
-    return target == host or (host in ("0.0.0.0", "::") and target in LOCAL_HOSTS) or (host in LOCAL_HOSTS and target in LOCAL_HOSTS)
+    return target == host or (host in ("0.0.0.0", "::") and _is_local(target)) or (_is_local(host) and _is_local(target))
+
+
+def _is_local(host: str) -> bool:
+    import ipaddress
+
+    try:
+        return ipaddress.ip_address(host).is_loopback or host in LOCAL_HOSTS
+    except ValueError:
+        return host in LOCAL_HOSTS
 
 
 @dataclass(frozen=True)

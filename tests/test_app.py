@@ -230,10 +230,12 @@ def test_forwarded_request_headers() -> None:
         (b"x-keep", b"2"), (b"te", b"trailers"),
     ])
     _, _, headers, body = upstream.calls[0]
-    assert headers == [
+    *forwarded, (mark, value) = headers
+    assert forwarded == [
         (b"host", b"model:8080"), (b"x-keep", b"2"), (b"x-forwarded-for", b"10.0.0.9"),
         (b"x-forwarded-proto", b"http"), (b"x-forwarded-host", b"public"),
     ]
+    assert mark == b"x-sagemaker-metrics-proxy-hop" and len(value) == 16  # this proxy's own mark: a loop is seen
     assert body == b"{}"
 
 

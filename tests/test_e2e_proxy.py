@@ -6,6 +6,7 @@ import json
 import socket
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import httpx
 import psutil
@@ -354,3 +355,30 @@ def test_sigterm_drains_in_flight_requests_while_metrics_stay_up(
     idle.settimeout(5)
     assert idle.recv(1) == b""
     assert proxy.proc.wait(10) == 0
+
+
+def test_two_proxies_pointing_at_each_other_stop_at_the_first_loop(model: Running, tmp_path: Path) -> None:
+    """A start-time check cannot see every loop (here A -> B -> A): the hop mark each proxy adds can."""
+    from tests.conftest import start
+
+    ports = {name: (free_port(), free_port()) for name in "ab"}
+    proxies = {}
+    for name, other in (("a", "b"), ("b", "a")):
+        port, metrics_port = ports[name]
+        args = [
+            "-m", "proxy", "serve", "--upstream", f"http://127.0.0.1:{ports[other][0]}", "--host", "127.0.0.1", "--port", str(port),
+            "--metrics-port", str(metrics_port), "--endpoint-name", "test-endpoint", "--admin-linger", "0",
+        ]
+        running = start(args, metrics_port, tmp_path / f"{name}.log")
+        proxies[name] = Proxy(running.proc, port, running.log, metrics_port)
+    try:
+        a, b = proxies["a"], proxies["b"]
+        r = httpx.post(f"{a.url}/invocations", json={"instances": [[5.1, 3.5, 1.4, 0.2]]}, timeout=10)
+        assert r.status_code == 508 and "through this proxy already" in r.text
+        # A's first pass and B's call are invocations that got the 508; A's second pass is refused, not forwarded.
+        assert a.value("sagemaker_proxy_rejected_requests_total", reason="loop_detected") == 1
+        assert a.value("sagemaker_invocations_total") == 1 and b.value("sagemaker_invocations_total") == 1
+        assert b.value("sagemaker_proxy_rejected_requests_total", reason="loop_detected") == 0
+    finally:
+        for proxy in proxies.values():
+            proxy.stop()

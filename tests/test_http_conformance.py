@@ -359,7 +359,7 @@ def test_connection_slots_are_freed_by_every_kind_of_close(serve: Callable[..., 
     third = Client(proxy.port)
     if server == "builtin":
         assert third.closed(1.0) and third.unread == b"", third.transcript()
-        rejected = {"head_timeout": 2, "malformed_request": 2, "too_many_connections": 1}
+        rejected = {"idle_connection": 2, "malformed_request": 2, "too_many_connections": 1}
     else:
         # uvicorn has no connection limit (nor head timeout: the test closed its idle ones); its 400s are not counted.
         third.send(post(b'{"third": 1}'))
@@ -1041,7 +1041,7 @@ def test_idle_connection_flood_is_closed_within_the_head_timeout(serve: Callable
     finally:
         for s in idle:
             s.close()
-    finish(proxy, model, forwarded, invocations=len(forwarded), head_timeout=n)
+    finish(proxy, model, forwarded, invocations=len(forwarded), idle_connection=n)
 
 
 def test_half_sent_heads_are_closed_within_the_head_timeout(serve: Callable[..., Proxy], model: Model) -> None:

@@ -407,6 +407,7 @@ def test_cli_serve_help_lists_env_vars() -> None:
         ("127.0.0.1", "http://127.0.0.1:8080"),
         ("0.0.0.0", "http://127.0.0.1:9090"),  # the admin port is no model either
         ("10.1.2.3", "http://10.1.2.3:8080"),
+        ("0.0.0.0", "http://127.0.0.2:8080"),  # all of 127.0.0.0/8 is this host
     ],
 )
 def test_an_upstream_that_is_the_proxy_itself_is_refused(host: str, upstream: str) -> None:

@@ -327,8 +327,8 @@ class _Cycle:
 
 def _framing(headers: Headers, version: str) -> tuple[bool, bool, int]:
     """Whether the request expects a 100, has a body, and its length (0 if chunked); raises _Refusal for a
-    transfer coding other than chunked (501: it would be dropped unseen) and for a missing or doubled Host
-    (400, RFC 9112 3.2: which authority is meant would be a guess)."""
+    transfer coding besides chunked (501), a body whose last coding is not chunked (400), and a missing or
+    doubled Host (400, RFC 9112 3.2: which authority is meant would be a guess)."""
     expect = has_body = False
     length = hosts = 0
     for name, value in headers:
@@ -340,7 +340,10 @@ def _framing(headers: Headers, version: str) -> tuple[bool, bool, int]:
                 length = int(value)  # llhttp has checked it is one valid number
         elif name == b"transfer-encoding":
             has_body = True
-            if value.strip(b" \t").lower() != b"chunked":
+            codings = [c.strip(b" \t").lower() for c in value.split(b",")]
+            if codings[-1] != b"chunked":  # no length can be found (RFC 9112 6.3): 400
+                raise _Refusal(Fault.MALFORMED_REQUEST)
+            if len(codings) > 1:  # chunked last, but a coding before it that would be lost unseen (6.1): 501
                 raise _Refusal(Fault.UNSUPPORTED_TRANSFER_CODING)
         elif name == b"host":
             hosts += 1

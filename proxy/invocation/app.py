@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import random
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -22,7 +23,7 @@ from proxy.http.client import GATHER_BYTES, ModelResponse
 from proxy.invocation.access import log_access
 from proxy.invocation.front import Front, RuntimeFront
 from proxy.invocation.guard import Deadlines, Guard
-from proxy.invocation.headers import request_headers
+from proxy.invocation.headers import HOP_HEADER, request_headers
 from proxy.invocation.record import Invocation
 from proxy.invocation.stream import stream_back
 from proxy.invocation.tracing import Tracing
@@ -66,6 +67,7 @@ class ProxyApp:
         auth: sigv4.CredentialsFile | None = None,
         log_access: bool = False,
         native_routes: bool = True,
+        hop: bytes = b"",
         tracing: Tracing | None = None,
         clock: Callable[[], int] = time.perf_counter_ns,
         random: Callable[[], float] = random.random,
@@ -86,6 +88,7 @@ class ProxyApp:
         self._count_tokens = count_tokens  # off only to measure what counting costs (benchmarks)
         self._auth = auth  # SigV4 on the Runtime API, and on the native routes
         self._native = native_routes  # off: only the Runtime API is served
+        self._hop = hop or os.urandom(8).hex().encode()  # this proxy's mark on what it forwards
         self._log_access = log_access  # one line per forwarded request (--access-log)
         self._tracing = tracing  # None: no tracing, and nothing of it on the request path
         self._reachability = _Reachability()
@@ -146,8 +149,8 @@ class ProxyApp:
     async def _accept(self, scope: Scope, receive: Receive, front: Front, record: Invocation, endpoint: Endpoint) -> _Forward | None:
         """The request to forward, or None once it was refused (answered and counted)."""
         method: str = scope["method"]
-        headers, declared, target_variant = request_headers(scope)
-        refusal = _head_refusal(scope, front, declared, self._max_payload)
+        headers, declared, target_variant, looped = request_headers(scope, self._hop)
+        refusal = (Fault.LOOP_DETECTED, None) if looped else _head_refusal(scope, front, declared, self._max_payload)
         if refusal is not None:
             await self._refuse(front, *refusal, variant=endpoint.default)
             return None
@@ -179,6 +182,8 @@ class ProxyApp:
             await self._refuse(front, Fault.OVER_CAPACITY, variant=variant)
             return None
         headers[0] = (b"host", variant.client.authority)
+        if route is not None:  # a container behind the Runtime API gets SageMaker's headers only; a loop is caught a hop later
+            headers.append((HOP_HEADER, self._hop))
         record.variant = variant
         record.endpoint = endpoint.name
         record.counted = self._record and (route is None or (method, route) in self._routes)

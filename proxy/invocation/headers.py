@@ -7,6 +7,8 @@ from proxy.types import Headers, Scope
 
 TARGET_VARIANT_HEADER = b"x-amzn-sagemaker-target-variant"
 VARIANT_HEADER = b"x-amzn-invoked-production-variant"
+# Each proxy adds its own mark to what it forwards: a request that comes back with it has looped (508).
+HOP_HEADER = b"x-sagemaker-metrics-proxy-hop"
 # Hop-by-hop headers plus those this proxy sets itself.
 REQUEST_DROP = frozenset({
     TARGET_VARIANT_HEADER,
@@ -30,9 +32,10 @@ def dropped(headers: Headers, always: frozenset[bytes]) -> frozenset[bytes]:
     return always if tokens is None else frozenset(tokens)
 
 
-def request_headers(scope: Scope) -> tuple[Headers, int | None, bytes | None]:
+def request_headers(scope: Scope, hop: bytes) -> tuple[Headers, int | None, bytes | None, bool]:
     """The headers for the model (Host first, set once the variant is known), the declared
-    Content-Length of the request body, and the target variant asked for."""
+    Content-Length of the request body, the target variant asked for, and whether the request carries
+    this proxy's own mark ``hop``: it has been through here already."""
     incoming: Headers = scope["headers"]
     drop = dropped(incoming, REQUEST_DROP)
     out: Headers = [(b"host", b"")]
@@ -40,6 +43,7 @@ def request_headers(scope: Scope) -> tuple[Headers, int | None, bytes | None]:
     target_variant: bytes | None = None
     forwarded_for: bytes | None = None
     original_host = b""
+    looped = False
     for name, value in incoming:
         if name == b"content-length":
             declared = int(value) if value.isdigit() else None
@@ -47,6 +51,8 @@ def request_headers(scope: Scope) -> tuple[Headers, int | None, bytes | None]:
             original_host = value
         elif name == TARGET_VARIANT_HEADER:
             target_variant = value
+        elif name == HOP_HEADER and value == hop:
+            looped = True
         if name == b"x-forwarded-for":
             forwarded_for = value
         elif name not in drop:
@@ -60,7 +66,7 @@ def request_headers(scope: Scope) -> tuple[Headers, int | None, bytes | None]:
     out.append((b"x-forwarded-proto", scope.get("scheme", "http").encode()))
     if original_host:
         out.append((b"x-forwarded-host", original_host))
-    return out, declared, target_variant
+    return out, declared, target_variant, looped
 
 
 def response_headers(status: int, headers: Headers, server_timing: bytes, variant: str) -> Headers:

@@ -235,8 +235,16 @@ def _proxy_app(
         endpoint_name=settings.endpoint_name,
         auth=CredentialsFile(settings.auth_credentials, region=settings.auth_region) if settings.auth == "sigv4" and settings.auth_credentials else None,
         native_routes=settings.native_routes,
+        hop=_hop_mark(settings),
     )
     return app, variants
+
+
+def _hop_mark(settings: Settings) -> bytes:
+    """This proxy's mark on forwarded requests: the same in every worker, another for another proxy."""
+    import hashlib
+
+    return hashlib.sha256(f"{socket.gethostname()} {settings.host}:{settings.port} {os.getppid() if settings.workers > 1 else os.getpid()}".encode()).hexdigest()[:16].encode()
 
 
 class _Stoppable(Protocol):
