@@ -520,3 +520,24 @@ def test_native_routes_off_serves_the_runtime_api_only(model: Running, start_pro
     assert runtime(proxy).invoke_endpoint(EndpointName=ENDPOINT, Body=BODY)["InvokedProductionVariant"] == "AllTraffic"
     assert len(received(model)) == 1
     assert proxy.value("sagemaker_proxy_rejected_requests_total", reason="unknown_operation") == 1
+
+
+def test_the_front_doors_own_refusal_of_an_api_call_carries_the_error_type(model: Running, start_proxy: Callable[..., Proxy]) -> None:
+    """A head the parser refuses (a control character in Content-Type) never reaches the app; on the API's path
+    the 400 still says ValidationError, so botocore raises its modeled exception."""
+    import socket as sockets
+
+    proxy = start_proxy(model.url)
+    with sockets.create_connection(("127.0.0.1", proxy.port), timeout=5) as s:
+        s.sendall(f"POST /endpoints/{ENDPOINT}/invocations HTTP/1.1\r\nHost: x\r\nContent-Type: text/\x01csv\r\nContent-Length: 2\r\n\r\nok".encode())
+        answer = b""
+        while chunk := s.recv(4096):
+            answer += chunk
+    head = answer.split(b"\r\n\r\n")[0].lower()
+    assert head.startswith(b"http/1.1 400") and b"x-amzn-errortype: validationerror" in head, answer
+    with sockets.create_connection(("127.0.0.1", proxy.port), timeout=5) as s:  # the native route keeps its plain 400
+        s.sendall(b"POST /invocations HTTP/1.1\r\nHost: x\r\nContent-Type: text/\x01csv\r\nContent-Length: 2\r\n\r\nok")
+        plain = s.recv(4096).lower()
+    assert plain.startswith(b"http/1.1 400") and b"x-amzn-errortype" not in plain
+    assert received(model) == []
+    assert proxy.value("sagemaker_proxy_rejected_requests_total", reason="malformed_request") == 2

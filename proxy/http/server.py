@@ -79,10 +79,14 @@ class HttpServer:
         limits: Limits = Limits(),
         *,
         on_refused: Callable[[Fault], None] | None = None,
+        refusal_headers: Callable[[bytes, int], bytes] | None = None,
     ) -> None:
         self.app = app
         self.limits = limits
         self.on_refused = on_refused or (lambda fault: None)
+        # Extra header lines for the server's own refusals, from the request target and the status: an API the
+        # app serves may have its own error shape (the SageMaker Runtime API's x-amzn-errortype).
+        self.refusal_headers = refusal_headers or (lambda target, status: b"")
         self.connections: set[_Connection] = set()
         self.half_closed: set[_Connection] = set()  # the client sent FIN while its request is served
         self.tasks: set[asyncio.Task[None]] = set()
@@ -890,7 +894,7 @@ class _Connection(asyncio.Protocol):
 
     def _answer(self, status: int, body: bytes, *, close: bool) -> None:
         head = STATUS_LINES.get(status) or b"HTTP/1.1 %d \r\n" % status
-        extra = b"connection: close\r\n" if close else b""
+        extra = (b"connection: close\r\n" if close else b"") + self.server.refusal_headers(self.url, status)
         self.write(b"%scontent-type: application/json\r\ncontent-length: %d\r\n%s\r\n%s" % (head, len(body), extra, body))
         if close:
             self.close()

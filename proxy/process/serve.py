@@ -36,6 +36,7 @@ from proxy.process.admin import create_admin_app
 from proxy.process.background import Background, Host, Stream, endpoint_host
 from proxy.process.model import ModelProcess, ReadinessGate
 from proxy.process.variant_set import VariantSet, build_variants
+from proxy.runtime import api
 from proxy.runtime.sigv4 import CredentialsFile
 from proxy.settings import ConfigError, MonitorSettings, Settings
 from proxy.types import DISCONNECT_EXTENSION, ASGIApp
@@ -170,7 +171,7 @@ def listener(
         max_connections=settings.max_connections,
         write_timeout=settings.client_write_timeout,
     )
-    return _Named(HttpServer(app, limits, on_refused=on_refused), name, "built-in HTTP/1.1 server")
+    return _Named(HttpServer(app, limits, on_refused=on_refused, refusal_headers=api.refusal_headers), name, "built-in HTTP/1.1 server")
 
 
 ADMIN_REFUSALS = {Fault.TOO_MANY_CONNECTIONS: Fault.ADMIN_TOO_MANY_CONNECTIONS}

@@ -129,6 +129,14 @@ def refusal(fault: Fault, message: str, endpoint: str) -> tuple[Message, Message
     return error_response(status, error_type, fields)
 
 
+def refusal_headers(target: bytes, status: int) -> bytes:
+    """For the front door's own refusals of a Runtime API call (a malformed head, a timeout, a head too large):
+    the error type botocore reads, so its callers get a modeled exception, not a bare status."""
+    if not target.startswith(PREFIX.encode()):
+        return b""
+    return b"x-amzn-errortype: %s\r\n" % (b"ServiceUnavailable" if status >= 500 else b"ValidationError")
+
+
 def unknown_endpoint_message(endpoint: str) -> str:
     return f"Endpoint {endpoint} of account local not found."
 
