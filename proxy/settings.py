@@ -19,13 +19,13 @@ from urllib.parse import urlsplit
 
 from metrics.definitions import DEFAULT_MODEL_LATENCY_BUCKETS, DEFAULT_OVERHEAD_LATENCY_BUCKETS
 from proxy.errors import ConfigError
+from proxy.invocation import routes
 
 ENV_PREFIX = "SAGEMAKER_PROXY_"
 # SageMaker's own rule for endpoint and variant names.
 NAME_PATTERN = re.compile(r"^[a-zA-Z0-9](-*[a-zA-Z0-9]){0,62}$")
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
 HTTP_SERVERS = ("builtin", "uvicorn")
-METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
 INSTANCE_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,254}$")
 # Where SageMaker describes a training job's hosts to each of its containers.
 RESOURCE_CONFIG = Path("/opt/ml/input/config/resourceconfig.json")
@@ -139,11 +139,14 @@ def _name(raw: str) -> str:
 
 
 def _route(raw: str) -> tuple[str, str]:
-    method, _, path = raw.strip().partition(" ")
-    method, path = method.upper(), path.strip()
-    if method not in METHODS or not path.startswith("/") or " " in path:
-        raise ValueError(f"must be 'METHOD /path' such as 'POST /invocations', got {raw!r}")
-    return method, path
+    return routes.parse(raw)
+
+
+def _model_server(raw: str) -> str:
+    name = raw.strip().lower()
+    if name not in routes.MODEL_SERVERS:
+        raise ValueError(f"must be one of {', '.join(routes.MODEL_SERVERS)}, got {raw!r}")
+    return name
 
 
 def _buckets(raw: str) -> tuple[float, ...]:
@@ -530,9 +533,15 @@ class Settings:
     unhealthy_threshold: int = option("--unhealthy-threshold", _int_between(1, 100), "failed pings that take an instance out", 2)
     healthy_threshold: int = option("--healthy-threshold", _int_between(1, 100), "good pings that bring it back", 1)
     sagemaker_endpoint_url: str | None = option("--sagemaker-endpoint-url", _http_url, "SageMaker API for `--instance-count-from sagemaker`, for compatible services and tests", None, absent="AWS")
+    model_server: str | None = option(
+        "--model-server", _model_server,
+        "the model server behind the proxy, for its invocation routes and health check: " + ", ".join(f"`{n}`" for n in routes.MODEL_SERVERS)
+        + " (see the README); `--invocation-route` and `--ping-path` override it",
+        None, absent="`sagemaker`'s routes",
+    )
     invocation_routes: frozenset[tuple[str, str]] = option(
         "--invocation-route", _route,
-        "'METHOD /path' that counts as an invocation; repeatable, a comma list in the environment, e.g. `POST /invocations,POST /v1/chat/completions`",
+        "'METHOD /path' that counts as an invocation, `{model}` and `{version}` matching one path segment (`POST /v2/models/{model}/infer`); repeatable, a comma list in the environment",
         frozenset({("POST", "/invocations")}), shown="POST /invocations", repeatable=True, collect=frozenset,
     )
     max_payload_bytes: int = option("--max-payload-bytes", _int_between(1, 1 << 40), "larger request bodies get 413", 6 * 1024 * 1024)
@@ -766,6 +775,10 @@ def resolve(args: argparse.Namespace, environ: Mapping[str, str]) -> Settings:
         missing.append("--upstream is required (or set SAGEMAKER_PROXY_UPSTREAM), or give --variant")
     if missing:
         raise ConfigError("; ".join(missing))
+    server = values.get("model_server")
+    if server is not None:  # the preset's routes and health check, unless given
+        values.setdefault("invocation_routes", routes.MODEL_SERVERS[server].routes)
+        values.setdefault("ping_path", routes.MODEL_SERVERS[server].ping_path)
     benchmark = {"record_metrics": getattr(args, "record_metrics", True), "count_tokens": getattr(args, "count_tokens", True)}
     settings: Settings = _make(Settings, {**values, **benchmark})
     settings.check()

@@ -25,6 +25,7 @@ from proxy.invocation.front import Front, RuntimeFront
 from proxy.invocation.guard import Deadlines, Guard
 from proxy.invocation.headers import HOP_HEADER, request_headers
 from proxy.invocation.record import Invocation
+from proxy.invocation.routes import Routes, shape, suggestion
 from proxy.invocation.stream import stream_back
 from proxy.invocation.tracing import Tracing
 from proxy.runtime import api, sigv4
@@ -77,7 +78,8 @@ class ProxyApp:
         self._endpoints = {name: Endpoint(name, vs) for name, vs in (endpoints or {endpoint_name: variants}).items()}
         self._first = next(iter(self._endpoints.values()))
         self._random = random
-        self._routes = invocation_routes
+        self._routes = Routes(invocation_routes)
+        self._uncounted = _Uncounted()
         self._max_payload = max_payload_bytes
         self._budget = BodyBudget(max_buffered_bytes)
         self._deadlines = Deadlines(invocation_timeout, client_write_timeout)
@@ -93,7 +95,7 @@ class ProxyApp:
         self._tracing = tracing  # None: no tracing, and nothing of it on the request path
         self._reachability = _Reachability()
         # The Runtime API: where the model takes invocations.
-        self._model_path = next((p for m, p in sorted(invocation_routes) if m == "POST"), "/invocations").encode()
+        self._model_path = self._routes.model_path.encode()
         self._clock = clock
 
     def shutdown(self, timeout_s: float = 5.0) -> None:
@@ -158,7 +160,7 @@ class ProxyApp:
         variant = endpoint.choose(target_variant, self._random)
         authenticate = front.signed and self._auth is not None  # then nothing is told before the signature is checked
         if variant is None and not authenticate:
-            await self._refuse_variant(front, target_variant, endpoint)
+            await self._refuse(front, Fault.UNKNOWN_VARIANT, endpoint.unknown_variant(target_variant), variant=endpoint.default)
             return None
         body = await read_body(receive, self._max_payload, self._budget, record, declared)
         if isinstance(body, Fault):
@@ -172,7 +174,7 @@ class ProxyApp:
                 return None
             headers = [headers[0], *signed]
             if variant is None:
-                await self._refuse_variant(front, target_variant, endpoint)
+                await self._refuse(front, Fault.UNKNOWN_VARIANT, endpoint.unknown_variant(target_variant), variant=endpoint.default)
                 return None
         assert variant is not None
         if not variant.client.ready():
@@ -186,7 +188,13 @@ class ProxyApp:
             headers.append((HOP_HEADER, self._hop))
         record.variant = variant
         record.endpoint = endpoint.name
-        record.counted = self._record and (route is None or (method, route) in self._routes)
+        if route is None:
+            record.counted = self._record  # every Runtime API call is an invocation
+        else:
+            counted, record.model = self._routes.match(method, route)
+            record.counted = self._record and counted
+            if not counted and method == "POST":
+                self._uncounted.seen(method, route)
         record.request_bytes = body_size(body)
         return _Forward(method.encode(), target, headers, body)
 
@@ -249,7 +257,9 @@ class ProxyApp:
             guard.stop()
             if response is not None:
                 response.close()
-            self._ended(scope, record, spans)
+            if not record.t_out:  # else the answer went out before its tokens were counted
+                record.t_out = clock()
+            _report(scope, record, self._tracing, spans, self._log_access)
 
     async def _cancelled(self, fault: Fault, record: Invocation, front: Front) -> None:
         """The guard cancelled the call: the client went away (nothing to answer), or the model overran its timeout."""
@@ -263,25 +273,7 @@ class ProxyApp:
         elif not await front.broke(Fault.UPSTREAM_TIMEOUT):
             raise UpstreamError(Fault.UPSTREAM_TIMEOUT) from None
 
-    def _ended(self, scope: Scope, record: Invocation, spans: tuple[Any, Any, int] | None) -> None:
-        """Record: the metrics, the spans and the access line, each read from the record, once."""
-        if not record.t_out:  # else the answer went out before its tokens were counted
-            record.t_out = self._clock()
-        if spans is not None:
-            assert self._tracing is not None
-            self._tracing.end(spans, record)
-        if record.counted:
-            assert record.variant is not None
-            record.variant.recorder.invocation_ended(record)
-        if self._log_access:
-            log_access(scope, record)
-
     # -- refusals ---------------------------------------------------------------------------------------
-
-    async def _refuse_variant(self, front: Front, asked_for: bytes | None, endpoint: Endpoint) -> None:
-        asked = (asked_for or b"").decode("latin-1")[:80]
-        message = f"no production variant {asked!r}; this endpoint has {endpoint.known()}"
-        await self._refuse(front, Fault.UNKNOWN_VARIANT, message, variant=endpoint.default)
 
     async def _refuse(
         self, front: Front, fault: Fault, message: str | None = None, *, server_timing: bytes | None = None, variant: Variant | None = None
@@ -294,6 +286,39 @@ class ProxyApp:
             variant.recorder.rejected(fault.reason)
         if fault.status is not None:
             await front.refuse(fault, message or fault.message, server_timing, variant.name)
+
+
+def _report(scope: Scope, record: Invocation, tracing: Tracing | None, spans: tuple[Any, Any, int] | None, access: bool) -> None:
+    """Record: the metrics, the spans and the access line, each read from the record, once."""
+    if spans is not None:
+        assert tracing is not None
+        tracing.end(spans, record)
+    if record.counted:
+        assert record.variant is not None
+        record.variant.recorder.invocation_ended(record)
+    if access:
+        log_access(scope, record)
+
+
+class _Uncounted:
+    """Says once per path shape (at most ``limit`` of them) that forwarded POSTs match no invocation route, and
+    which flag would count them: a model server whose routes the proxy was not told is otherwise silent."""
+
+    __slots__ = ("_limit", "_shapes")
+
+    def __init__(self, limit: int = 64) -> None:
+        self._shapes: set[str] = set()
+        self._limit = limit
+
+    def seen(self, method: str, path: str) -> None:
+        key = shape(method, path)
+        if key in self._shapes or len(self._shapes) >= self._limit:
+            return
+        self._shapes.add(key)
+        log.warning(
+            "%s %s was forwarded but is not counted as an invocation: no --invocation-route matches it; %s would count it%s",
+            method, path[:200], suggestion(method, path), "" if len(self._shapes) < self._limit else " (no more of these are said)",
+        )
 
 
 class _Reachability:

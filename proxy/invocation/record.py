@@ -45,6 +45,7 @@ class Invocation:
     output_tokens: int = 0
     time_per_output_token_ns: float | None = None
     endpoint: str = ""  # the endpoint's name
+    model: str | None = None  # the model the request names (a route's {model}), if any
     trace_id: str | None = None  # with tracing on (proxy.invocation.tracing): the trace, and the proxy's SERVER span in it
     span_id: str | None = None
 

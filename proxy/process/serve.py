@@ -30,6 +30,7 @@ from proxy.errors import Fault
 from proxy.http.client import ModelClient, ping
 from proxy.http.server import HttpServer, Limits
 from proxy.invocation.app import ProxyApp
+from proxy.invocation.routes import Routes
 from proxy.invocation.tracing import Tracing
 from proxy.invocation.tracing import wanted as tracing_wanted
 from proxy.process.admin import create_admin_app
@@ -361,8 +362,8 @@ def _log_start(settings: Settings) -> None:
         f"endpoint {e.name}: " + ", ".join(f"variant {v.name} -> {', '.join(v.upstreams)}" for v in e.variants) for e in settings.endpoints
     )
     log.info(
-        "proxying %s:%d (%s) with %d worker(s); metrics on %s:%d/metrics",
-        settings.host, settings.port, endpoints, settings.workers, settings.host, settings.metrics_port,
+        "proxying %s:%d (%s) with %d worker(s); metrics on %s:%d/metrics; invocations: %s",
+        settings.host, settings.port, endpoints, settings.workers, settings.host, settings.metrics_port, Routes(settings.invocation_routes),
     )
 
 

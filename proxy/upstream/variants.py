@@ -47,6 +47,7 @@ class Endpoint:
         i = bisect.bisect_right(self.cumulative, random())
         return self.choices[min(i, len(self.choices) - 1)]
 
-    def known(self) -> str:
-        """The variants' names, for an error that names what there is."""
-        return ", ".join(v.name for v in self.variants.values())
+    def unknown_variant(self, asked_for: bytes | None) -> str:
+        """What a request that names no variant of this endpoint is told: the variants there are."""
+        asked = (asked_for or b"").decode("latin-1")[:80]
+        return f"no production variant {asked!r}; this endpoint has {', '.join(v.name for v in self.variants.values())}"
