@@ -141,6 +141,15 @@ CONCURRENT_REQUESTS_PER_MODEL = MetricDefinition(
     "sagemaker_concurrent_requests_per_model", Kind.GAUGE,
     "Invocations in flight.", "ConcurrentRequestsPerModel",
 )
+QUEUE_TIME = MetricDefinition(
+    "sagemaker_queue_time_seconds", Kind.HISTOGRAM,
+    "With --max-concurrency: time an invocation waited for a slot at the model (0 when one was free); part of OverheadLatency.",
+    buckets=DEFAULT_MODEL_LATENCY_BUCKETS,
+)
+REQUESTS_WAITING = MetricDefinition(
+    "sagemaker_requests_waiting", Kind.GAUGE,
+    "With --max-concurrency: requests waiting for a slot at the model.",
+)
 LIVE_INSTANCES = MetricDefinition(
     "sagemaker_live_instances", Kind.GAUGE,
     "Live model instances of the variant, the n of InvocationsPerInstance.", multiprocess_mode="livemax",
@@ -242,6 +251,8 @@ ALL_METRICS = (
     *TOKEN_METRICS,
     REQUEST_SIZE,
     RESPONSE_SIZE,
+    QUEUE_TIME,
+    REQUESTS_WAITING,
     LIVE_INSTANCES,
     REJECTED_REQUESTS,
     UPSTREAM_ERRORS,

@@ -33,7 +33,7 @@ VARIANT_FAMILIES = (
     d.INVOCATIONS, d.INVOCATION_4XX_ERRORS, d.INVOCATION_5XX_ERRORS, d.INVOCATION_MODEL_ERRORS, d.INVOCATIONS_PER_INSTANCE,
     d.MODEL_LATENCY, d.OVERHEAD_LATENCY, d.CONCURRENT_REQUESTS_PER_MODEL, d.LIVE_INSTANCES,
     *d.STREAM_METRICS, *d.TOKEN_METRICS, d.REQUEST_SIZE, d.RESPONSE_SIZE,
-    d.CLIENT_DISCONNECTS, d.INSTANCE_COUNT_ERRORS, d.REJECTED_REQUESTS, d.UPSTREAM_ERRORS,
+    d.CLIENT_DISCONNECTS, d.INSTANCE_COUNT_ERRORS, d.REJECTED_REQUESTS, d.UPSTREAM_ERRORS, d.QUEUE_TIME, d.REQUESTS_WAITING,
 )
 
 
@@ -151,6 +151,8 @@ class InvocationRecorder:
         self._response_size = c[d.RESPONSE_SIZE]
         self._client_disconnects = c[d.CLIENT_DISCONNECTS]
         self._instance_count_errors = c[d.INSTANCE_COUNT_ERRORS]
+        self._queue_time = c[d.QUEUE_TIME]
+        self._waiting = c[d.REQUESTS_WAITING]
         # Children created up front so every reason is exported as 0 before it first happens.
         self._rejected = {r: metrics.families[d.REJECTED_REQUESTS].labels(e, v, r) for r in reject_reasons}
         self._upstream_errors = {r: metrics.families[d.UPSTREAM_ERRORS].labels(e, v, r) for r in upstream_error_reasons}
@@ -161,6 +163,20 @@ class InvocationRecorder:
         stats = self._statistics
         if stats is not None:
             stats.add(stats.current(), CONCURRENT, now)
+
+    def waiting(self, delta: int) -> None:
+        """A request joins (1) or leaves (-1) the queue for a slot at the model. It is in flight as SageMaker
+        counts ConcurrentRequestsPerModel, which takes in queued requests."""
+        self._waiting.inc(delta)
+        self._concurrent.inc(delta)
+        now = self._in_flight.add(delta)
+        stats = self._statistics
+        if stats is not None and delta > 0:
+            stats.add(stats.current(), CONCURRENT, now)
+
+    def queued(self, waited_us: int) -> None:
+        """An invocation got its slot at the model after ``waited_us`` (0 if it did not wait)."""
+        self._queue_time.observe(waited_us * US)
 
     def inter_chunk(self, gap_us: int) -> None:
         """A gap between two of the model's body chunks of a streamed response."""

@@ -26,6 +26,8 @@ class Fault(enum.Enum):
     CLIENT_DISCONNECT_EARLY = ("client_disconnect", None, False, "client disconnected before the request was forwarded")
     NO_LIVE_INSTANCE = ("no_live_instance", 503, False, "no live model instance")
     OVER_CAPACITY = ("over_capacity", 503, False, "too many requests in flight")
+    QUEUE_FULL = ("queue_full", 503, False, "too many requests waiting for the model")
+    QUEUE_TIMEOUT = ("queue_timeout", 503, False, "waited too long for the model")
     LOOP_DETECTED = ("loop_detected", 508, False, "this request has been through this proxy already: its model address leads back here")
     BODY_BUDGET = ("body_budget", 503, False, "too many request bytes held at once; try again")
     AUTH_FAILED = ("auth_failed", 403, False, "the request's AWS signature is missing or invalid")

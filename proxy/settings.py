@@ -560,7 +560,15 @@ class Settings:
         "seconds a pooled model connection may stay idle and be reused; below the 5 s keep-alive of uvicorn, gunicorn and most model servers",
         4.0,
     )
-    max_concurrency: int = option("--max-concurrency", _int_between(0, 1_000_000), "requests forwarded at once per process (per worker); beyond it, 503 at once; `0`: no limit", 0)
+    max_concurrency: int = option(
+        "--max-concurrency", _int_between(0, 1_000_000),
+        "requests at the model at once per process (per worker), as Knative's containerConcurrency; the rest wait in a FIFO queue; `0`: no limit", 0,
+    )
+    queue_depth: int | None = option(
+        "--queue-depth", _int_between(0, 10_000_000),
+        "with `--max-concurrency`: requests that may wait for a slot; past it, 503 at once (`0`: no queue)", None, absent="10 x `--max-concurrency`",
+    )
+    queue_timeout: float = option("--queue-timeout", _positive_float, "with `--max-concurrency`: seconds a request may wait for a slot; then 503", 30.0)
     ping_path: str = option("--ping-path", _path, "the model's health check, used by `/readyz`", "/ping")
     model_command: str | None = option(
         "--model-command", _command,

@@ -309,10 +309,10 @@ def test_request_headers_are_forwarded_without_hop_by_hop(faulty_model: Running,
     assert b"keep-alive: timeout" not in reply.lower()
 
 
-def test_requests_over_the_concurrency_limit_get_503_at_once(model: Running, start_proxy: Callable[..., Proxy]) -> None:
+def test_without_a_queue_requests_over_the_concurrency_limit_get_503_at_once(model: Running, start_proxy: Callable[..., Proxy]) -> None:
     import concurrent.futures
 
-    proxy = start_proxy(model.url, "--max-concurrency", "2")
+    proxy = start_proxy(model.url, "--max-concurrency", "2", "--queue-depth", "0")
 
     def slow() -> int:
         return invoke(proxy, {"X-Test-Delay-Ms": "500"}).status_code
@@ -382,3 +382,74 @@ def test_two_proxies_pointing_at_each_other_stop_at_the_first_loop(model: Runnin
     finally:
         for proxy in proxies.values():
             proxy.stop()
+
+
+def test_over_the_concurrency_limit_requests_wait_in_line_and_the_overflow_is_refused(model: Running, start_proxy: Callable[..., Proxy]) -> None:
+    """Concurrency 2, a queue of 8: 10 slow calls at once are all served, 2 at a time, 8 waiting at the peak;
+    the 11th finds the line full. Queue time is shown alone and is part of OverheadLatency."""
+    import concurrent.futures
+
+    proxy = start_proxy(model.url, "--max-concurrency", "2", "--queue-depth", "8")
+    peak_waiting = peak_concurrent = 0.0
+    with concurrent.futures.ThreadPoolExecutor(10) as pool:
+        calls = [pool.submit(lambda: invoke(proxy, {"X-Test-Delay-Ms": "300"}).status_code) for _ in range(10)]
+        deadline = time.monotonic() + 5
+        while peak_waiting < 8 and time.monotonic() < deadline:
+            samples = proxy.samples()
+            labels = frozenset({"endpoint_name": "test-endpoint", "variant_name": "AllTraffic"}.items())
+            peak_waiting = max(peak_waiting, samples[("sagemaker_requests_waiting", labels)])
+            peak_concurrent = max(peak_concurrent, samples[("sagemaker_concurrent_requests_per_model", labels)])
+            time.sleep(0.01)
+        overflow = invoke(proxy)
+        assert [c.result() for c in calls] == [200] * 10
+    assert peak_waiting == 8 and peak_concurrent == 10  # ConcurrentRequestsPerModel counts the queued, as SageMaker's does
+    assert overflow.status_code == 503 and overflow.json() == {"error": "too many requests waiting for the model"}
+    assert proxy.value("sagemaker_proxy_rejected_requests_total", reason="queue_full") == 1
+    assert proxy.value("sagemaker_invocations_total") == 10
+    assert proxy.value("sagemaker_queue_time_seconds_count") == 10
+    waited = proxy.value("sagemaker_queue_time_seconds_sum")
+    assert 4 * 0.3 * 0.9 < waited < 40 * 0.3  # 2 at once: 0, 0, 0.3, 0.3, ... 1.2, 1.2 s, about 6 s in all
+    assert proxy.value("sagemaker_overhead_latency_seconds_sum") >= waited * 0.95
+    assert proxy.value("sagemaker_requests_waiting") == 0 and proxy.value("sagemaker_concurrent_requests_per_model") == 0
+
+
+def test_a_request_that_waits_past_the_queue_timeout_is_refused(model: Running, start_proxy: Callable[..., Proxy]) -> None:
+    import concurrent.futures
+
+    proxy = start_proxy(model.url, "--max-concurrency", "1", "--queue-timeout", "0.3")
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        busy = pool.submit(lambda: invoke(proxy, {"X-Test-Delay-Ms": "1000"}).status_code)
+        deadline = time.monotonic() + 5
+        while proxy.value("sagemaker_concurrent_requests_per_model") < 1 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        started = time.monotonic()
+        late = invoke(proxy)
+        assert 0.25 < time.monotonic() - started < 0.9
+        assert busy.result() == 200
+    assert late.status_code == 503 and late.json() == {"error": "waited too long for the model"}
+    assert proxy.value("sagemaker_proxy_rejected_requests_total", reason="queue_timeout") == 1
+    assert proxy.value("sagemaker_invocations_total") == 1
+    assert proxy.value("sagemaker_requests_waiting") == 0
+
+
+def test_a_client_that_leaves_the_queue_frees_its_place(model: Running, start_proxy: Callable[..., Proxy]) -> None:
+    import concurrent.futures
+
+    proxy = start_proxy(model.url, "--max-concurrency", "1")
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        busy = pool.submit(lambda: invoke(proxy, {"X-Test-Delay-Ms": "800"}).status_code)
+        deadline = time.monotonic() + 5
+        while proxy.value("sagemaker_concurrent_requests_per_model") < 1 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        leaving = socket.create_connection(("127.0.0.1", proxy.port))
+        leaving.sendall(b"POST /invocations HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n{}")
+        while proxy.value("sagemaker_requests_waiting") < 1 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        leaving.close()
+        while proxy.value("sagemaker_requests_waiting") > 0 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert proxy.value("sagemaker_requests_waiting") == 0
+        assert busy.result() == 200
+    assert invoke(proxy).status_code == 200
+    assert proxy.value("sagemaker_invocations_total") == 2  # the one that left was never sent to the model
+    assert proxy.value("sagemaker_proxy_rejected_requests_total", reason="client_disconnect") == 1

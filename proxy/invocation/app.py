@@ -21,6 +21,7 @@ from typing import Any
 from proxy.errors import Fault, UpstreamError
 from proxy.http.client import GATHER_BYTES, ModelResponse
 from proxy.invocation.access import log_access
+from proxy.invocation.admission import Admission, queue
 from proxy.invocation.front import Front, RuntimeFront
 from proxy.invocation.guard import Deadlines, Guard
 from proxy.invocation.headers import HOP_HEADER, request_headers
@@ -61,6 +62,8 @@ class ProxyApp:
         max_buffered_bytes: int = 256 << 20,
         client_write_timeout: float = 60.0,
         max_concurrency: int = 0,
+        queue_depth: int | None = None,
+        queue_timeout: float = 30.0,
         record: bool = True,
         count_tokens: bool = True,
         endpoint_name: str = "",
@@ -84,8 +87,7 @@ class ProxyApp:
         self._budget = BodyBudget(max_buffered_bytes)
         self._deadlines = Deadlines(invocation_timeout, client_write_timeout)
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._max_concurrency = max_concurrency  # 0: no limit
-        self._in_flight = 0  # requests forwarded and not yet answered, all variants
+        self._admission = Admission(max_concurrency, queue_depth if queue_depth is not None else 10 * max_concurrency, queue_timeout)
         self._record = record
         self._count_tokens = count_tokens  # off only to measure what counting costs (benchmarks)
         self._auth = auth  # SigV4 on the Runtime API, and on the native routes
@@ -180,9 +182,6 @@ class ProxyApp:
         if not variant.client.ready():
             await self._refuse(front, Fault.NO_LIVE_INSTANCE, variant=variant)
             return None
-        if self._max_concurrency and self._in_flight >= self._max_concurrency:
-            await self._refuse(front, Fault.OVER_CAPACITY, variant=variant)
-            return None
         headers[0] = (b"host", variant.client.authority)
         if route is not None:  # a container behind the Runtime API gets SageMaker's headers only; a loop is caught a hop later
             headers.append((HOP_HEADER, self._hop))
@@ -196,6 +195,12 @@ class ProxyApp:
             if not counted and method == "POST":
                 self._uncounted.seen(method, route)
         record.request_bytes = body_size(body)
+        waited = 0 if self._admission.try_enter() else await queue(self._admission, scope, variant.recorder, self._clock)
+        if isinstance(waited, Fault):
+            await self._refuse(front, waited, variant=variant)
+            return None
+        if record.counted and self._admission.limit:
+            variant.recorder.queued(waited)
         return _Forward(method.encode(), target, headers, body)
 
     # -- phase 2: forward; then record, exactly once -----------------------------------------------------
@@ -215,7 +220,6 @@ class ProxyApp:
         tracing = self._tracing
         spans = tracing.begin(scope, record, variant, request.headers, clock()) if tracing is not None else None
         response: ModelResponse | None = None
-        self._in_flight += 1
         try:
             record.t_send = clock()
             try:
@@ -253,7 +257,7 @@ class ProxyApp:
                 raise
             await self._refuse(front, Fault.INTERNAL, variant=variant)
         finally:
-            self._in_flight -= 1
+            self._admission.leave()
             guard.stop()
             if response is not None:
                 response.close()

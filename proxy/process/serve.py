@@ -232,6 +232,8 @@ def _proxy_app(
         invocation_timeout=settings.invocation_timeout,
         client_write_timeout=settings.client_write_timeout,
         max_concurrency=settings.max_concurrency,
+        queue_depth=settings.queue_depth,
+        queue_timeout=settings.queue_timeout,
         record=settings.record_metrics,
         count_tokens=settings.count_tokens,
         endpoint_name=settings.endpoint_name,

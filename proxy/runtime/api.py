@@ -97,6 +97,8 @@ _REFUSALS = {
     Fault.METHOD_NOT_ALLOWED: (400, "ValidationError"),
     Fault.NO_LIVE_INSTANCE: (503, "ServiceUnavailable"),
     Fault.OVER_CAPACITY: (503, "ServiceUnavailable"),
+    Fault.QUEUE_FULL: (503, "ServiceUnavailable"),
+    Fault.QUEUE_TIMEOUT: (503, "ServiceUnavailable"),
     Fault.BODY_BUDGET: (503, "ServiceUnavailable"),
     Fault.BODY_TIMEOUT: (400, "ValidationError"),
     Fault.UPSTREAM_CONNECT: (424, "ModelError"),
