@@ -59,6 +59,8 @@ SIZE_BUCKETS: tuple[float, ...] = tuple(float(4**i * 64) for i in range(11))  # 
 
 # Labels every invocation metric carries; CloudWatch dimensions EndpointName and VariantName.
 VARIANT_LABELS = ("endpoint_name", "variant_name")
+# With --model-label: the model a request names, bounded by --max-models (the rest are "__other__").
+MODEL_LABEL = ("model",)
 
 INVOCATIONS = MetricDefinition(
     "sagemaker_invocations_total", Kind.COUNTER,

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 from prometheus_client import CollectorRegistry
@@ -35,6 +35,11 @@ VARIANT_FAMILIES = (
     *d.STREAM_METRICS, *d.TOKEN_METRICS, d.REQUEST_SIZE, d.RESPONSE_SIZE,
     d.CLIENT_DISCONNECTS, d.INSTANCE_COUNT_ERRORS, d.REJECTED_REQUESTS, d.UPSTREAM_ERRORS, d.QUEUE_TIME, d.REQUESTS_WAITING,
 )
+# With --model-label, the families of what happened to each invocation get the `model` label too; the variant's
+# state (concurrency, live instances, the queue) and its refusals stay per variant.
+MODEL_FAMILIES = frozenset(VARIANT_FAMILIES) - {
+    d.CONCURRENT_REQUESTS_PER_MODEL, d.LIVE_INSTANCES, d.INSTANCE_COUNT_ERRORS, d.REJECTED_REQUESTS, d.REQUESTS_WAITING,
+}
 
 
 class Outcome(Protocol):
@@ -91,6 +96,7 @@ class InvocationMetrics:
         model_latency_buckets: Sequence[float] = d.DEFAULT_MODEL_LATENCY_BUCKETS,
         overhead_latency_buckets: Sequence[float] = d.DEFAULT_OVERHEAD_LATENCY_BUCKETS,
         shared: inmemory.SharedFiles | None = None,
+        model_label: bool = False,
     ) -> None:
         buckets = {
             d.MODEL_LATENCY: model_latency_buckets, d.FIRST_CHUNK_LATENCY: model_latency_buckets,
@@ -98,14 +104,25 @@ class InvocationMetrics:
             d.OVERHEAD_LATENCY: overhead_latency_buckets, d.FIRST_CHUNK_OVERHEAD_LATENCY: overhead_latency_buckets,
         }
         f = inmemory.Families(registry, shared)
+        self.model_label = model_label
         self.families: dict[d.MetricDefinition, Any] = {
-            definition: f.family(definition, d.VARIANT_LABELS + definition.labels, buckets.get(definition, definition.buckets))
+            definition: f.family(definition, self.labelnames(definition), buckets.get(definition, definition.buckets))
             for definition in VARIANT_FAMILIES
         }
 
-    def children(self, endpoint_name: str, variant_name: str) -> dict[d.MetricDefinition, Any]:
-        """Each unlabelled family's child for one variant."""
-        return {defn: family.labels(endpoint_name, variant_name) for defn, family in self.families.items() if not defn.labels}
+    def labelnames(self, definition: d.MetricDefinition) -> tuple[str, ...]:
+        per_model = self.model_label and definition in MODEL_FAMILIES
+        return d.VARIANT_LABELS + (d.MODEL_LABEL if per_model else ()) + definition.labels
+
+    def children(self, endpoint_name: str, variant_name: str, model: str = "") -> dict[d.MetricDefinition, Any]:
+        """Each family's child for one variant (and, with the model label, one model), the reason-labelled
+        ones left out."""
+        out = {}
+        for defn, family in self.families.items():
+            if not defn.labels:
+                per_model = self.model_label and defn in MODEL_FAMILIES
+                out[defn] = family.labels(endpoint_name, variant_name, model) if per_model else family.labels(endpoint_name, variant_name)
+        return out
 
 
 class InvocationRecorder:
@@ -124,12 +141,13 @@ class InvocationRecorder:
         upstream_error_reasons: Sequence[str],
         statistics: PeriodStatistics | None = None,
         in_flight: InFlight | None = None,
+        model: str = "",
     ) -> None:
         self._statistics = statistics
         # ConcurrentRequestsPerModel for CloudWatch: this process's count, or with workers all of theirs.
         self._in_flight = in_flight if in_flight is not None else InFlight()
         e, v = endpoint_name, variant_name
-        c = metrics.children(e, v)
+        c = metrics.children(e, v, model)
         self._invocations = c[d.INVOCATIONS]
         self._errors_4xx = c[d.INVOCATION_4XX_ERRORS]
         self._errors_5xx = c[d.INVOCATION_5XX_ERRORS]
@@ -155,7 +173,9 @@ class InvocationRecorder:
         self._waiting = c[d.REQUESTS_WAITING]
         # Children created up front so every reason is exported as 0 before it first happens.
         self._rejected = {r: metrics.families[d.REJECTED_REQUESTS].labels(e, v, r) for r in reject_reasons}
-        self._upstream_errors = {r: metrics.families[d.UPSTREAM_ERRORS].labels(e, v, r) for r in upstream_error_reasons}
+        upstream = metrics.families[d.UPSTREAM_ERRORS]
+        by_model = metrics.model_label
+        self._upstream_errors = {r: upstream.labels(e, v, model, r) if by_model else upstream.labels(e, v, r) for r in upstream_error_reasons}
 
     def invocation_started(self) -> None:
         self._concurrent.inc()
@@ -305,3 +325,35 @@ class ModelLifecycleMetrics:
 
     def restarted(self) -> None:
         self._restarts.inc()
+
+
+OTHER_MODELS = "__other__"
+
+
+class ModelRecorders:
+    """A variant's recorders, one per model the requests name (``--model-label``), at most ``max_models``
+    of them: requests for any further model are recorded as ``__other__``, so a client cannot make series
+    without end. The recorders share the variant's CloudWatch statistics: CloudWatch keeps its dimensions."""
+
+    __slots__ = ("_by_model", "_make", "_max")
+
+    def __init__(self, make: Callable[[str], InvocationRecorder], max_models: int) -> None:
+        self._make = make
+        self._max = max_models
+        self._by_model: dict[str, InvocationRecorder] = {"": make("")}
+
+    def get(self, model: str | None) -> InvocationRecorder:
+        """The recorder of ``model`` ("" when the request names none)."""
+        key = model or ""
+        recorder = self._by_model.get(key)
+        if recorder is None:
+            if len(self._by_model) >= self._max:  # "" counts among them: with __other__, max_models + 1 values at most
+                key = OTHER_MODELS
+                recorder = self._by_model.get(key)
+            if recorder is None:
+                recorder = self._by_model[key] = self._make(key)
+        return recorder
+
+    @property
+    def default(self) -> InvocationRecorder:
+        return self._by_model[""]

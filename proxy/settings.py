@@ -544,6 +544,12 @@ class Settings:
         "'METHOD /path' that counts as an invocation, `{model}` and `{version}` matching one path segment (`POST /v2/models/{model}/infer`); repeatable, a comma list in the environment",
         frozenset({("POST", "/invocations")}), shown="POST /invocations", repeatable=True, collect=frozenset,
     )
+    model_label: bool = option(
+        "--model-label", _bool,
+        "label the invocation metrics with the model each request names: a route's `{model}`, `X-Amzn-SageMaker-Target-Model`, or the `model` of an OpenAI-style JSON body; CloudWatch keeps its dimensions",
+        False, absent="off", switch=True,
+    )
+    max_models: int = option("--max-models", _int_between(1, 100_000), "with `--model-label`: distinct model values per variant; requests for more are `__other__`", 100)
     max_payload_bytes: int = option("--max-payload-bytes", _int_between(1, 1 << 40), "larger request bodies get 413", 6 * 1024 * 1024)
     max_buffered_bytes: int = option(
         "--max-buffered-bytes", _int_between(1, 1 << 44),

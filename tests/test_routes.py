@@ -98,3 +98,54 @@ def test_kserve_v2_traffic_is_counted_and_an_uncounted_route_is_said_once(record
 def test_the_start_line_names_the_counted_routes(recording_model: Running, start_proxy: Callable[..., Proxy]) -> None:
     proxy = start_proxy(recording_model.url, "--model-server", "torchserve", "--log-level", "info")
     assert "invocations: POST /predictions/{model}, POST /predictions/{model}/{version}" in proxy.log.read_text()
+
+
+def invocations_by_model(proxy: Proxy) -> dict[str, float]:
+    return {
+        dict(labels).get("model", "<none>"): value
+        for (name, labels), value in proxy.samples().items()
+        if name == "sagemaker_invocations_total"
+    }
+
+
+@pytest.mark.e2e
+def test_model_label_counts_per_model_from_the_route_the_target_model_and_an_openai_body(
+    recording_model: Running, start_proxy: Callable[..., Proxy]
+) -> None:
+    import boto3
+    from botocore.config import Config
+
+    proxy = start_proxy(
+        recording_model.url, "--model-label", "--invocation-route", "POST /v2/models/{model}/infer",
+        "--invocation-route", "POST /v1/chat/completions", "--invocation-route", "POST /invocations",
+    )
+    for name in ("iris", "iris", "wine"):
+        assert httpx.post(f"{proxy.url}/v2/models/{name}/infer", json={"inputs": []}).status_code == 200
+    assert httpx.post(f"{proxy.url}/v1/chat/completions", json={"model": "llama-3-8b", "messages": []}).status_code == 200
+    runtime = boto3.client("sagemaker-runtime", endpoint_url=proxy.url, config=Config(retries={"max_attempts": 1}),
+                           aws_access_key_id="x", aws_secret_access_key="x", region_name="us-east-1")
+    runtime.invoke_endpoint(EndpointName="test-endpoint", Body=b"{}", TargetModel="model-a.tar.gz")
+    assert httpx.post(f"{proxy.url}/invocations", json={}).status_code == 200  # names no model
+    assert invocations_by_model(proxy) == {"iris": 2, "wine": 1, "llama-3-8b": 1, "model-a.tar.gz": 1, "": 1}
+    # The variant's own state stays per variant.
+    assert proxy.value("sagemaker_concurrent_requests_per_model") == 0
+    assert proxy.value("sagemaker_model_latency_seconds_count", model="iris") == 2
+
+
+@pytest.mark.e2e
+def test_ten_thousand_model_names_make_at_most_max_models_plus_one_series(recording_model: Running, start_proxy: Callable[..., Proxy]) -> None:
+    proxy = start_proxy(recording_model.url, "--model-label", "--model-server", "kserve-v2")
+    with httpx.Client(base_url=proxy.url) as client:
+        for i in range(10_000):
+            assert client.post(f"/v2/models/m{i}/infer", content=b"{}").status_code == 200
+    by_model = invocations_by_model(proxy)
+    assert len(by_model) <= 101 and "__other__" in by_model, sorted(by_model)[:5]
+    assert sum(by_model.values()) == 10_000
+    assert httpx.post(f"{recording_model.url}/__reset").status_code == 200
+
+
+@pytest.mark.e2e
+def test_without_model_label_the_series_stay_as_they_were(recording_model: Running, start_proxy: Callable[..., Proxy]) -> None:
+    proxy = start_proxy(recording_model.url, "--model-server", "kserve-v2")
+    assert httpx.post(f"{proxy.url}/v2/models/iris/infer", content=b"{}").status_code == 200
+    assert invocations_by_model(proxy) == {"<none>": 1}

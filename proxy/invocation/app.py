@@ -24,7 +24,7 @@ from proxy.invocation.access import log_access
 from proxy.invocation.admission import Admission, queue
 from proxy.invocation.front import Front, RuntimeFront
 from proxy.invocation.guard import Deadlines, Guard
-from proxy.invocation.headers import HOP_HEADER, request_headers
+from proxy.invocation.headers import HOP_HEADER, named_model, request_headers
 from proxy.invocation.record import Invocation
 from proxy.invocation.routes import Routes, shape, suggestion
 from proxy.invocation.stream import stream_back
@@ -195,12 +195,15 @@ class ProxyApp:
             if not counted and method == "POST":
                 self._uncounted.seen(method, route)
         record.request_bytes = body_size(body)
+        if variant.models is not None and record.counted and record.model is None:
+            record.model = named_model(scope["headers"], body)
+        record.recorder = recorder = variant.recorder_for(record.model)
         waited = 0 if self._admission.try_enter() else await queue(self._admission, scope, variant.recorder, self._clock)
         if isinstance(waited, Fault):
             await self._refuse(front, waited, variant=variant)
             return None
         if record.counted and self._admission.limit:
-            variant.recorder.queued(waited)
+            recorder.queued(waited)
         return _Forward(method.encode(), target, headers, body)
 
     # -- phase 2: forward; then record, exactly once -----------------------------------------------------
@@ -216,7 +219,8 @@ class ProxyApp:
         guard = Guard(loop, self._deadlines, scope, receive)
         if record.counted:
             record.instances = variant.instances.current()
-            variant.recorder.invocation_started()
+            assert record.recorder is not None
+            record.recorder.invocation_started()
         tracing = self._tracing
         spans = tracing.begin(scope, record, variant, request.headers, clock()) if tracing is not None else None
         response: ModelResponse | None = None
@@ -298,8 +302,8 @@ def _report(scope: Scope, record: Invocation, tracing: Tracing | None, spans: tu
         assert tracing is not None
         tracing.end(spans, record)
     if record.counted:
-        assert record.variant is not None
-        record.variant.recorder.invocation_ended(record)
+        assert record.recorder is not None
+        record.recorder.invocation_ended(record)
     if access:
         log_access(scope, record)
 

@@ -3,7 +3,9 @@
 
 from __future__ import annotations
 
-from proxy.types import Headers, Scope
+import re
+
+from proxy.types import Body, Headers, Scope
 
 TARGET_VARIANT_HEADER = b"x-amzn-sagemaker-target-variant"
 VARIANT_HEADER = b"x-amzn-invoked-production-variant"
@@ -20,6 +22,25 @@ RESPONSE_DROP = frozenset({
     b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding", b"te", b"trailer", b"upgrade",
     b"proxy-authenticate", VARIANT_HEADER,
 })
+
+
+TARGET_MODEL_HEADER = b"x-amzn-sagemaker-target-model"
+# The "model" of an OpenAI-style JSON request, looked for in its first bytes only.
+_JSON_MODEL = re.compile(rb'"model"[ \t]*:[ \t]*"([^"\\]{1,256})"')
+
+
+def named_model(headers: Headers, body: Body) -> str | None:
+    """The model a request names (``--model-label``): SageMaker's target model (multi-model endpoints), else the
+    ``model`` of an OpenAI-style JSON body; None when it names none."""
+    for name, value in headers:
+        if name == TARGET_MODEL_HEADER:
+            return value.decode("latin-1")[:256]
+    head = body if isinstance(body, bytes) else (body[0] if body else b"")
+    if head[:1] == b"{":
+        found = _JSON_MODEL.search(head, 0, 4096)
+        if found is not None:
+            return found.group(1).decode("utf-8", "replace")
+    return None
 
 
 def dropped(headers: Headers, always: frozenset[bytes]) -> frozenset[bytes]:

@@ -119,15 +119,16 @@ def for_response(response: ModelResponse, record: Invocation, count_tokens: bool
     """The observers of one response: first chunk and gaps for a stream (chunked, or read to the close), its
     tokens for a counted event stream, and the usage object of a counted JSON answer."""
     streamed = response.streamed
-    if not record.counted or record.variant is None:
+    recorder = record.recorder
+    if not record.counted or recorder is None:
         return (FIRST_CHUNK,) if streamed else NOTHING
     content_type = next((v for n, v in response.headers if n == b"content-type"), b"")
     if streamed:
         if count_tokens and content_type.startswith(EVENT_STREAM):
-            return FIRST_CHUNK, InterChunk(record.variant.recorder), StreamedTokens()
+            return FIRST_CHUNK, InterChunk(recorder), StreamedTokens()
         if count_tokens and response.complete:
-            return FIRST_CHUNK, InterChunk(record.variant.recorder), JsonUsage(content_type)
-        return FIRST_CHUNK, InterChunk(record.variant.recorder)
+            return FIRST_CHUNK, InterChunk(recorder), JsonUsage(content_type)
+        return FIRST_CHUNK, InterChunk(recorder)
     if count_tokens and content_type.startswith(b"application/json"):
         if response.complete:
             return (JsonUsage(content_type),)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from metrics.recorder import InvocationRecorder
 from proxy.errors import Fault
 from proxy.upstream.variants import Variant
 
@@ -46,6 +47,7 @@ class Invocation:
     time_per_output_token_ns: float | None = None
     endpoint: str = ""  # the endpoint's name
     model: str | None = None  # the model the request names (a route's {model}), if any
+    recorder: InvocationRecorder | None = None  # where it is recorded: its variant's, or with --model-label its model's
     trace_id: str | None = None  # with tracing on (proxy.invocation.tracing): the trace, and the proxy's SERVER span in it
     span_id: str | None = None
 

@@ -219,6 +219,7 @@ def _proxy_app(
         model_latency_buckets=settings.model_latency_buckets,
         overhead_latency_buckets=settings.overhead_latency_buckets,
         shared=shared,
+        model_label=settings.model_label,
     )
     variants = build_variants(settings, metrics, statistics, in_flight=in_flight)
     app = ProxyApp(

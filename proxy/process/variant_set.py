@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable, Coroutine, Mapping
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 from metrics.inflight import InFlight
-from metrics.recorder import InvocationMetrics, InvocationRecorder
+from metrics.recorder import InvocationMetrics, InvocationRecorder, ModelRecorders
 from metrics.statistics import PeriodStatistics
 from proxy.errors import REJECT_REASONS, UPSTREAM_ERROR_REASONS
 from proxy.http.client import ConnectionPool, ModelClient
@@ -91,6 +92,10 @@ def _live_count_to(recorder: InvocationRecorder) -> Callable[[int], None]:
     return update
 
 
+def _for_model(make: Callable[..., InvocationRecorder], model: str) -> InvocationRecorder:
+    return make(model=model)
+
+
 def build_variants(
     settings: Settings,
     metrics: InvocationMetrics,
@@ -104,7 +109,8 @@ def build_variants(
     out = VariantSet()
     specs = [(endpoint.name, spec) for endpoint in settings.endpoints for spec in endpoint.variants]
     for i, (endpoint, spec) in enumerate(specs):
-        recorder = InvocationRecorder(
+        make = partial(
+            InvocationRecorder,
             metrics,
             endpoint_name=endpoint,
             variant_name=spec.name,
@@ -113,6 +119,8 @@ def build_variants(
             statistics=statistics.get((endpoint, spec.name)),
             in_flight=in_flight(i),
         )
+        models = ModelRecorders(partial(_for_model, make), settings.max_models) if metrics.model_label else None
+        recorder = models.default if models is not None else make()
         client = model_client(settings, spec)
         source = _count_source(settings, endpoint, spec, client)
         recorder.live_instances(source.current())
@@ -125,6 +133,6 @@ def build_variants(
             source.on_error = recorder.instance_count_error
             out._jobs.append(source.run)
         out._clients.append(client)
-        out.variants.append(Variant(spec.name, client, recorder, source, spec.weight))
+        out.variants.append(Variant(spec.name, client, recorder, source, spec.weight, models))
         out.endpoints.setdefault(endpoint, []).append(out.variants[-1])
     return out

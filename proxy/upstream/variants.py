@@ -7,7 +7,7 @@ import itertools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from metrics.recorder import InvocationRecorder
+from metrics.recorder import InvocationRecorder, ModelRecorders
 from proxy.http.client import ModelClient
 from proxy.upstream.instances import InstanceCountSource
 
@@ -21,6 +21,10 @@ class Variant:
     recorder: InvocationRecorder
     instances: InstanceCountSource
     weight: float = 1.0
+    models: ModelRecorders | None = None  # --model-label: a recorder per model the requests name, bounded
+
+    def recorder_for(self, model: str | None) -> InvocationRecorder:
+        return self.recorder if self.models is None else self.models.get(model)
 
 
 class Endpoint:
