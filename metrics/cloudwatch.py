@@ -123,10 +123,9 @@ class CloudWatchPublisher:
         wallclock: Callable[[], float] = time.time,
         also: Sequence[tuple[PeriodStatistics, CloudWatchTarget]] = (),
     ) -> None:
-        """``also``: further streams, published by the same task; every stream has the same period."""
+        """``also``: further streams, published by the same task, which wakes at the end of the shortest period."""
         self._streams = [(statistics, target), *also]
-        if len({s.period_s for s, _ in self._streams}) != 1:
-            raise ValueError("every stream of one publisher needs the same period")
+        self._period_s = min(s.period_s for s, _ in self._streams)
         self._statistics = statistics
         self._target = target
         self._health = health
@@ -166,7 +165,7 @@ class CloudWatchPublisher:
 
     async def run(self) -> None:
         """Forever: at each period's end, publish what has ended; on failure back off and keep it buffered."""
-        period = self._statistics.period_s
+        period = self._period_s
         delay = self._backoff[0]
         while True:
             now = self._wallclock()

@@ -142,8 +142,11 @@ class InvocationRecorder:
         statistics: PeriodStatistics | None = None,
         in_flight: InFlight | None = None,
         model: str = "",
+        concurrency_statistics: PeriodStatistics | None = None,
     ) -> None:
         self._statistics = statistics
+        # ConcurrentRequestsPerModel's samples: on a period of their own when one is given.
+        self._concurrency_statistics = concurrency_statistics or statistics
         # ConcurrentRequestsPerModel for CloudWatch: this process's count, or with workers all of theirs.
         self._in_flight = in_flight if in_flight is not None else InFlight()
         e, v = endpoint_name, variant_name
@@ -180,7 +183,7 @@ class InvocationRecorder:
     def invocation_started(self) -> None:
         self._concurrent.inc()
         now = self._in_flight.add(1)
-        stats = self._statistics
+        stats = self._concurrency_statistics
         if stats is not None:
             stats.add(stats.current(), CONCURRENT, now)
 
@@ -190,7 +193,7 @@ class InvocationRecorder:
         self._waiting.inc(delta)
         self._concurrent.inc(delta)
         now = self._in_flight.add(delta)
-        stats = self._statistics
+        stats = self._concurrency_statistics
         if stats is not None and delta > 0:
             stats.add(stats.current(), CONCURRENT, now)
 

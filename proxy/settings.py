@@ -474,6 +474,11 @@ class CloudWatchOptions:
 
     enabled: bool = option("--cloudwatch", _bool, "publish the metrics to CloudWatch with PutMetricData (`true`/`false` in the environment)", False, absent="off", switch=True)
     period: int = option("--cloudwatch-period", _period, "seconds per statistic set: 60, or 1, 5, 10, 30 for high-resolution metrics", 60)
+    concurrency_period: int | None = option(
+        "--cloudwatch-concurrency-period", _period,
+        "`serve`: seconds per statistic set of ConcurrentRequestsPerModel alone, e.g. `10` for a high-resolution metric as SageMaker emits it for fast autoscaling",
+        None, absent="`--cloudwatch-period`",
+    )
     region: str | None = option("--cloudwatch-region", str, "AWS region, e.g. from `AWS_REGION`", None, absent="boto3's chain")
     endpoint_url: str | None = option("--cloudwatch-endpoint-url", _http_url, "CloudWatch endpoint, for compatible services and tests", None, absent="AWS")
     buffer_periods: int = option("--cloudwatch-buffer-periods", _int_between(1, 100_000), "ended periods kept while CloudWatch is unreachable; the oldest are dropped beyond", 120)

@@ -386,3 +386,19 @@ def test_stream_metrics_arrive_in_cloudwatch(model: Running, moto: Running, aws_
     assert first["Sum"] == pytest.approx(proxy.value("sagemaker_first_chunk_latency_seconds_sum") * 1e6, abs=4)
     mid_stream = statistics(moto.url, namespace, "MidStreamErrors")
     assert (mid_stream["SampleCount"], mid_stream["Sum"], mid_stream["Unit"]) == (3, 0, "Count")
+
+
+@pytest.mark.e2e
+def test_concurrency_alone_on_a_high_resolution_period(model: Running, moto: Running, aws_env: None, start_proxy: Callable[..., Proxy]) -> None:
+    """--cloudwatch-concurrency-period 1 beside a 60 s period: ConcurrentRequestsPerModel arrives within seconds,
+    as SageMaker's high-resolution one does for fast autoscaling; the rest waits for its minute (here, the stop)."""
+    namespace = f"Test{uuid.uuid4().hex[:8]}"
+    proxy = start_proxy(model.url, *cloudwatch_flags(moto.url, namespace, period="60"), "--cloudwatch-concurrency-period", "1")
+    for _ in range(3):
+        assert httpx.post(f"{proxy.url}/invocations", json=IRIS).status_code == 200
+    concurrency = wait_for_statistics(moto.url, namespace, "ConcurrentRequestsPerModel", 3, timeout=10)
+    assert concurrency["Maximum"] == 1
+    assert statistics(moto.url, namespace, "Invocations") == {}  # its 60 s period has not ended
+    proxy.stop()  # the last partial periods are flushed at the stop
+    assert wait_for_statistics(moto.url, namespace, "Invocations", 3)["Sum"] == 3
+    assert statistics(moto.url, namespace, "ConcurrentRequestsPerModel")["SampleCount"] == 3  # in one stream only

@@ -106,10 +106,15 @@ class Background:
         self._publisher: CloudWatchPublisher | None = None
         self._tasks: list[asyncio.Task[None]] = []
         streams: list[tuple[PeriodStatistics, CloudWatchTarget]] = []
+        # ConcurrentRequestsPerModel on a period of its own, when asked: high resolution for fast autoscaling.
+        self.concurrency: dict[tuple[str, str], PeriodStatistics] = {}
         if settings.enabled and invocations:
             for variant, stream in invocations.items():
                 self.statistics[variant] = PeriodStatistics(settings.period)
                 streams.append((self.statistics[variant], self._target(stream)))
+                if settings.concurrency_period is not None:
+                    self.concurrency[variant] = PeriodStatistics(settings.concurrency_period)
+                    streams.append((self.concurrency[variant], self._target(stream, settings.concurrency_period)))
         if host is not None:
             host_statistics = PeriodStatistics(settings.period) if settings.enabled else None
             monitor = self.monitor = HostMonitor(host.sampler, host.interval_s, host_statistics)
@@ -125,7 +130,7 @@ class Background:
                 buffer_periods=settings.buffer_periods, also=also,
             )
 
-    def _target(self, stream: Stream) -> CloudWatchTarget:
+    def _target(self, stream: Stream, period: int | None = None) -> CloudWatchTarget:
         from metrics.cloudwatch import CloudWatchTarget
 
         first, *more = stream.dimension_sets
@@ -133,7 +138,7 @@ class Background:
         return CloudWatchTarget(
             namespace=stream.namespace,
             dimensions=first,
-            storage_resolution=1 if s.period < 60 else 60,
+            storage_resolution=1 if (period or s.period) < 60 else 60,
             region=s.region,
             endpoint_url=s.endpoint_url,
             also_dimensions=tuple(more),

@@ -213,6 +213,7 @@ def _proxy_app(
     statistics: Mapping[tuple[str, str], PeriodStatistics],
     shared: SharedFiles | None = None,
     in_flight: Callable[[int], InFlight] = lambda column: InFlight(),
+    concurrency: Mapping[tuple[str, str], PeriodStatistics] | None = None,
 ) -> tuple[ProxyApp, VariantSet]:
     metrics = InvocationMetrics(
         registry,
@@ -221,7 +222,7 @@ def _proxy_app(
         shared=shared,
         model_label=settings.model_label,
     )
-    variants = build_variants(settings, metrics, statistics, in_flight=in_flight)
+    variants = build_variants(settings, metrics, statistics, in_flight=in_flight, concurrency=concurrency)
     app = ProxyApp(
         variants=variants.variants,
         endpoints=variants.endpoints,
@@ -286,7 +287,7 @@ async def serve(settings: Settings, proxy_sock: socket.socket, admin_sock: socke
     Returns the exit status: 0, or the model's when it ended on its own (``--model-command``)."""
     registry = CollectorRegistry()
     background = _background(settings, registry, invocations=True, host=host)
-    app, variants = _proxy_app(settings, registry, background.statistics)
+    app, variants = _proxy_app(settings, registry, background.statistics, concurrency=background.concurrency)
     admin = create_admin_app(lambda: registry, variants.clients(), ping_path=settings.ping_path)
     proxy_server = listener(app, settings, on_refused=_count_refusals(variants), name="proxy port")
     # On SIGTERM the proxy port drains first; the admin port answers until the last invocation is recorded.
@@ -393,7 +394,7 @@ async def _serve_worker(settings: Settings, proxy_sock: socket.socket, multiproc
     columns = sum(len(endpoint.variants) for endpoint in settings.endpoints)
     app, variants = _proxy_app(
         settings, registry, background.statistics, SharedFiles(multiproc_dir),
-        lambda column: SharedInFlight(in_flight_path, index, column, columns),
+        lambda column: SharedInFlight(in_flight_path, index, column, columns), background.concurrency,
     )
     server = listener(app, settings, on_refused=_count_refusals(variants), name=f"proxy port, worker {index}")
     stop_on_signals(server)

@@ -103,6 +103,7 @@ def build_variants(
     *,
     in_flight: Callable[[int], InFlight] = lambda column: InFlight(),
     count: bool = True,
+    concurrency: Mapping[tuple[str, str], PeriodStatistics] | None = None,
 ) -> VariantSet:
     """Each variant's client, live count and recorder. ``in_flight(i)`` counts variant i's invocations in
     flight; ``count=False`` (a process that serves no invocations) polls no live count."""
@@ -118,6 +119,7 @@ def build_variants(
             upstream_error_reasons=UPSTREAM_ERROR_REASONS,
             statistics=statistics.get((endpoint, spec.name)),
             in_flight=in_flight(i),
+            concurrency_statistics=(concurrency or {}).get((endpoint, spec.name)),
         )
         models = ModelRecorders(partial(_for_model, make), settings.max_models) if metrics.model_label else None
         recorder = models.default if models is not None else make()
