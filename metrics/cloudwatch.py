@@ -136,7 +136,9 @@ class CloudWatchPublisher:
         self._backoff = backoff_s
         self._wallclock = wallclock
         self._credentials_reported = False
-        self._units = {m.cloudwatch_name: m.unit for m in d.ALL_METRICS if m.cloudwatch_name}
+        self._units = {m.cloudwatch_name: m.unit for m in d.ALL_METRICS if m.cloudwatch_name} | {
+            m.component_cloudwatch_name: m.unit for m in d.ALL_METRICS if m.component_cloudwatch_name
+        }
 
     def _boto3_client(self) -> Any:
         import boto3

@@ -40,6 +40,7 @@ class MetricDefinition:
     labels: tuple[str, ...] = ()
     multiprocess_mode: Literal["livesum", "livemax"] = "livesum"
     buckets: tuple[float, ...] = ()
+    component_cloudwatch_name: str | None = None  # its name for an inference component, where SageMaker names it apart
 
 
 # Histogram buckets, in seconds: ModelLatency up to 10 minutes (LLM calls), the overhead 10 us to 1 s.
@@ -61,6 +62,8 @@ SIZE_BUCKETS: tuple[float, ...] = tuple(float(4**i * 64) for i in range(11))  # 
 VARIANT_LABELS = ("endpoint_name", "variant_name")
 # With --model-label: the model a request names, bounded by --max-models (the rest are "__other__").
 MODEL_LABEL = ("model",)
+# With inference components in --config: the component that served ("" for a variant's own traffic).
+COMPONENT_LABEL = ("inference_component",)
 
 INVOCATIONS = MetricDefinition(
     "sagemaker_invocations_total", Kind.COUNTER,
@@ -81,8 +84,8 @@ INVOCATION_MODEL_ERRORS = MetricDefinition(
 )
 INVOCATIONS_PER_INSTANCE = MetricDefinition(
     "sagemaker_invocations_per_instance_total", Kind.COUNTER,
-    "Sum of 1/n per invocation, n being the live instance count of the variant at that moment.",
-    "InvocationsPerInstance",
+    "Sum of 1/n per invocation, n being the live instance count of the variant (or the copies of the inference component) at that moment.",
+    "InvocationsPerInstance", component_cloudwatch_name="InvocationsPerCopy",
 )
 MODEL_LATENCY = MetricDefinition(
     "sagemaker_model_latency_seconds", Kind.HISTOGRAM,
@@ -141,7 +144,7 @@ RESPONSE_SIZE = MetricDefinition(
 )
 CONCURRENT_REQUESTS_PER_MODEL = MetricDefinition(
     "sagemaker_concurrent_requests_per_model", Kind.GAUGE,
-    "Invocations in flight.", "ConcurrentRequestsPerModel",
+    "Invocations in flight.", "ConcurrentRequestsPerModel", component_cloudwatch_name="ConcurrentRequestsPerCopy",
 )
 QUEUE_TIME = MetricDefinition(
     "sagemaker_queue_time_seconds", Kind.HISTOGRAM,

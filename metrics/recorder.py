@@ -25,6 +25,8 @@ FIRST_CHUNK_MODEL = d.FIRST_CHUNK_MODEL_LATENCY.cloudwatch_name or ""
 FIRST_CHUNK_OVERHEAD = d.FIRST_CHUNK_OVERHEAD_LATENCY.cloudwatch_name or ""
 MID_STREAM_ERRORS = d.MID_STREAM_ERRORS.cloudwatch_name or ""
 CONCURRENT = d.CONCURRENT_REQUESTS_PER_MODEL.cloudwatch_name or ""
+PER_COPY = d.INVOCATIONS_PER_INSTANCE.component_cloudwatch_name or ""
+CONCURRENT_PER_COPY = d.CONCURRENT_REQUESTS_PER_MODEL.component_cloudwatch_name or ""
 
 US = 1e-6  # microseconds to Prometheus's seconds
 
@@ -97,6 +99,7 @@ class InvocationMetrics:
         overhead_latency_buckets: Sequence[float] = d.DEFAULT_OVERHEAD_LATENCY_BUCKETS,
         shared: inmemory.SharedFiles | None = None,
         model_label: bool = False,
+        component_label: bool = False,
     ) -> None:
         buckets = {
             d.MODEL_LATENCY: model_latency_buckets, d.FIRST_CHUNK_LATENCY: model_latency_buckets,
@@ -105,24 +108,29 @@ class InvocationMetrics:
         }
         f = inmemory.Families(registry, shared)
         self.model_label = model_label
+        self.component_label = component_label
         self.families: dict[d.MetricDefinition, Any] = {
             definition: f.family(definition, self.labelnames(definition), buckets.get(definition, definition.buckets))
             for definition in VARIANT_FAMILIES
         }
 
     def labelnames(self, definition: d.MetricDefinition) -> tuple[str, ...]:
-        per_model = self.model_label and definition in MODEL_FAMILIES
-        return d.VARIANT_LABELS + (d.MODEL_LABEL if per_model else ()) + definition.labels
+        return d.VARIANT_LABELS + (d.COMPONENT_LABEL if self.component_label else ()) + (
+            d.MODEL_LABEL if self.model_label and definition in MODEL_FAMILIES else ()
+        ) + definition.labels
 
-    def children(self, endpoint_name: str, variant_name: str, model: str = "") -> dict[d.MetricDefinition, Any]:
-        """Each family's child for one variant (and, with the model label, one model), the reason-labelled
-        ones left out."""
-        out = {}
-        for defn, family in self.families.items():
-            if not defn.labels:
-                per_model = self.model_label and defn in MODEL_FAMILIES
-                out[defn] = family.labels(endpoint_name, variant_name, model) if per_model else family.labels(endpoint_name, variant_name)
-        return out
+    def values(self, definition: d.MetricDefinition, endpoint_name: str, variant_name: str, component: str, model: str) -> tuple[str, ...]:
+        """The label values of one family's child, in the order of ``labelnames`` (its own labels left out)."""
+        return (endpoint_name, variant_name) + ((component,) if self.component_label else ()) + (
+            (model,) if self.model_label and definition in MODEL_FAMILIES else ()
+        )
+
+    def children(self, endpoint_name: str, variant_name: str, model: str = "", component: str = "") -> dict[d.MetricDefinition, Any]:
+        """Each family's child for one variant (or inference component, or model), the reason-labelled ones left out."""
+        return {
+            defn: family.labels(*self.values(defn, endpoint_name, variant_name, component, model))
+            for defn, family in self.families.items() if not defn.labels
+        }
 
 
 class InvocationRecorder:
@@ -143,6 +151,7 @@ class InvocationRecorder:
         in_flight: InFlight | None = None,
         model: str = "",
         concurrency_statistics: PeriodStatistics | None = None,
+        component: str = "",
     ) -> None:
         self._statistics = statistics
         # ConcurrentRequestsPerModel's samples: on a period of their own when one is given.
@@ -150,7 +159,10 @@ class InvocationRecorder:
         # ConcurrentRequestsPerModel for CloudWatch: this process's count, or with workers all of theirs.
         self._in_flight = in_flight if in_flight is not None else InFlight()
         e, v = endpoint_name, variant_name
-        c = metrics.children(e, v, model)
+        c = metrics.children(e, v, model, component)
+        # An inference component's CloudWatch names are per copy, as SageMaker's.
+        self._per_instance_name, self._concurrent_name = (PER_COPY, CONCURRENT_PER_COPY) if component else (PER_INSTANCE, CONCURRENT)
+        self._copies = 1
         self._invocations = c[d.INVOCATIONS]
         self._errors_4xx = c[d.INVOCATION_4XX_ERRORS]
         self._errors_5xx = c[d.INVOCATION_5XX_ERRORS]
@@ -175,17 +187,16 @@ class InvocationRecorder:
         self._queue_time = c[d.QUEUE_TIME]
         self._waiting = c[d.REQUESTS_WAITING]
         # Children created up front so every reason is exported as 0 before it first happens.
-        self._rejected = {r: metrics.families[d.REJECTED_REQUESTS].labels(e, v, r) for r in reject_reasons}
-        upstream = metrics.families[d.UPSTREAM_ERRORS]
-        by_model = metrics.model_label
-        self._upstream_errors = {r: upstream.labels(e, v, model, r) if by_model else upstream.labels(e, v, r) for r in upstream_error_reasons}
+        rejected, upstream = metrics.families[d.REJECTED_REQUESTS], metrics.families[d.UPSTREAM_ERRORS]
+        self._rejected = {r: rejected.labels(*metrics.values(d.REJECTED_REQUESTS, e, v, component, model), r) for r in reject_reasons}
+        self._upstream_errors = {r: upstream.labels(*metrics.values(d.UPSTREAM_ERRORS, e, v, component, model), r) for r in upstream_error_reasons}
 
     def invocation_started(self) -> None:
         self._concurrent.inc()
         now = self._in_flight.add(1)
         stats = self._concurrency_statistics
         if stats is not None:
-            stats.add(stats.current(), CONCURRENT, now)
+            stats.add(stats.current(), self._concurrent_name, now / self._copies)
 
     def waiting(self, delta: int) -> None:
         """A request joins (1) or leaves (-1) the queue for a slot at the model. It is in flight as SageMaker
@@ -195,7 +206,7 @@ class InvocationRecorder:
         now = self._in_flight.add(delta)
         stats = self._concurrency_statistics
         if stats is not None and delta > 0:
-            stats.add(stats.current(), CONCURRENT, now)
+            stats.add(stats.current(), self._concurrent_name, now / self._copies)
 
     def queued(self, waited_us: int) -> None:
         """An invocation got its slot at the model after ``waited_us`` (0 if it did not wait)."""
@@ -251,7 +262,7 @@ class InvocationRecorder:
             add(sets, ERRORS_4XX, is_4xx)
             add(sets, ERRORS_5XX, is_5xx)
             add(sets, MODEL_ERRORS, upstream_error is not None or not 200 <= status < 300)
-            add(sets, PER_INSTANCE, 1.0 / instances)
+            add(sets, self._per_instance_name, 1.0 / instances)
             add(sets, MODEL_LATENCY, model_us)
             add(sets, OVERHEAD_LATENCY, overhead_us)
             add(sets, MID_STREAM_ERRORS, mid_stream_error)
@@ -296,7 +307,7 @@ class InvocationRecorder:
         stats = self._statistics
         if stats is not None:
             sets = stats.current()
-            for name, value in ((INVOCATIONS, 1), (ERRORS_4XX, 0), (ERRORS_5XX, 0), (MODEL_ERRORS, 0), (PER_INSTANCE, 1.0 / instances)):
+            for name, value in ((INVOCATIONS, 1), (ERRORS_4XX, 0), (ERRORS_5XX, 0), (MODEL_ERRORS, 0), (self._per_instance_name, 1.0 / instances)):
                 stats.add(sets, name, value)
 
     def rejected(self, reason: str) -> None:
@@ -307,6 +318,7 @@ class InvocationRecorder:
 
     def live_instances(self, n: int) -> None:
         self._live_instances.set(n)
+        self._copies = max(1, n)
 
 
 class ModelLifecycleMetrics:

@@ -23,6 +23,7 @@ class Fault(enum.Enum):
     MALFORMED_REQUEST = ("malformed_request", 400, False, "malformed request")
     METHOD_NOT_ALLOWED = ("method_not_allowed", 405, False, "method not allowed through this proxy")
     UNKNOWN_VARIANT = ("unknown_variant", 400, False, "no such production variant")
+    UNKNOWN_COMPONENT = ("unknown_inference_component", 400, False, "no such inference component")
     CLIENT_DISCONNECT_EARLY = ("client_disconnect", None, False, "client disconnected before the request was forwarded")
     NO_LIVE_INSTANCE = ("no_live_instance", 503, False, "no live model instance")
     OVER_CAPACITY = ("over_capacity", 503, False, "too many requests in flight")

@@ -48,6 +48,8 @@ class EndpointConfig:
 
     name: str
     variants: tuple[VariantConfig, ...]
+    # Inference components: (the variant each runs on, the component: its name, instances and copy count).
+    components: tuple[tuple[str, VariantConfig], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -304,7 +306,7 @@ def _config(raw: str) -> tuple[EndpointConfig, ...]:
     for i, endpoint in enumerate(endpoints):
         where = f"Endpoints[{i}]"
         file.check(isinstance(endpoint, dict), where, "must be a table")
-        file.known(endpoint, {"EndpointName", "ProductionVariants"}, where)
+        file.known(endpoint, {"EndpointName", "ProductionVariants", "InferenceComponents"}, where)
         name = endpoint.get("EndpointName")
         file.name(name, f"{where}.EndpointName")
         variants_raw = endpoint.get("ProductionVariants")
@@ -313,10 +315,35 @@ def _config(raw: str) -> tuple[EndpointConfig, ...]:
         variants = [_config_variant(file, variant, f"{where}.ProductionVariants[{j}]") for j, variant in enumerate(variants_raw)]
         names = [v.name for v in variants]
         file.check(len(set(names)) == len(names), f"{where}.ProductionVariants", f"need distinct VariantNames, got {', '.join(names)}")
-        out.append(EndpointConfig(name, tuple(variants)))
+        components_raw = endpoint.get("InferenceComponents", [])
+        file.check(isinstance(components_raw, list), f"{where}.InferenceComponents", "must be [[Endpoints.InferenceComponents]] tables")
+        components = tuple(_config_component(file, c, f"{where}.InferenceComponents[{j}]", names) for j, c in enumerate(components_raw))
+        cnames = [c.name for _, c in components]
+        file.check(len(set(cnames)) == len(cnames), f"{where}.InferenceComponents", f"need distinct InferenceComponentNames, got {', '.join(cnames)}")
+        out.append(EndpointConfig(name, tuple(variants), components))
     names = [e.name for e in out]
     file.check(len(set(names)) == len(names), "Endpoints", f"need distinct EndpointNames, got {', '.join(names)}")
     return tuple(out)
+
+
+def _config_component(file: _File, component: object, at: str, variants: list[str]) -> tuple[str, VariantConfig]:
+    """One [[Endpoints.InferenceComponents]] table: a model with its own instances and copy count, on a variant."""
+    file.check(isinstance(component, dict), at, "must be a table")
+    assert isinstance(component, dict)
+    file.known(component, {"InferenceComponentName", "VariantName", "Instances", "CopyCountFrom", "CopyCount"}, at)
+    name = component.get("InferenceComponentName")
+    file.name(name, f"{at}.InferenceComponentName")
+    variant = component.get("VariantName", variants[0])
+    file.check(variant in variants, f"{at}.VariantName", f"must name a variant of the endpoint ({', '.join(variants)}), got {variant!r}")
+    as_variant = {"VariantName": name, "Instances": component.get("Instances")}
+    if "CopyCountFrom" in component:
+        as_variant["InstanceCountFrom"] = component["CopyCountFrom"]
+    if "CopyCount" in component:
+        as_variant["InitialInstanceCount"] = component["CopyCount"]
+    try:
+        return str(variant), _config_variant(file, as_variant, at)
+    except ValueError as e:  # the variant's keys, named as a component's
+        raise ValueError(str(e).replace("InstanceCountFrom", "CopyCountFrom").replace("InitialInstanceCount", "CopyCount")) from None
 
 
 def _config_variant(file: _File, variant: object, at: str) -> VariantConfig:

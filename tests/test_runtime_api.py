@@ -421,6 +421,12 @@ Instances = ["{model.url}"]
          "Endpoints[0].ProductionVariants[0].Instances must be an http:// URL"),
         ("[[Endpoints]]\nEndpointName = 'a'\n[[Endpoints.ProductionVariants]]\nVariantName = 'V'\nInstances = ['http://a:1']\nWeight = 2\n",
          "Endpoints[0].ProductionVariants[0].Weight is not a key here"),
+        ("[[Endpoints]]\nEndpointName = 'a'\n[[Endpoints.ProductionVariants]]\nVariantName = 'V'\nInstances = ['http://a:1']\n"
+         "[[Endpoints.InferenceComponents]]\nInferenceComponentName = 'ic'\nVariantName = 'W'\nInstances = ['http://a:2']\n",
+         "Endpoints[0].InferenceComponents[0].VariantName must name a variant of the endpoint (V), got 'W'"),
+        ("[[Endpoints]]\nEndpointName = 'a'\n[[Endpoints.ProductionVariants]]\nVariantName = 'V'\nInstances = ['http://a:1']\n"
+         "[[Endpoints.InferenceComponents]]\nInferenceComponentName = 'ic'\nInstances = ['http://a:2']\nCopyCount = 0\n",
+         "Endpoints[0].InferenceComponents[0].CopyCount must be 1 to 100000, got 0"),
         ("Endpoints = 3", "Endpoints must be one or more [[Endpoints]] tables"),
         ("not toml [", "is not TOML"),
     ],
@@ -541,3 +547,74 @@ def test_the_front_doors_own_refusal_of_an_api_call_carries_the_error_type(model
     assert plain.startswith(b"http/1.1 400") and b"x-amzn-errortype" not in plain
     assert received(model) == []
     assert proxy.value("sagemaker_proxy_rejected_requests_total", reason="malformed_request") == 2
+
+
+def test_inference_components_are_called_by_name_and_counted_per_copy(
+    model: Running, moto: Running, aws_env: None, start_proxy: Callable[..., Proxy], tmp_path: Path
+) -> None:
+    """An endpoint with two inference components (2 and 4 copies): InvokeEndpoint's InferenceComponentName picks
+    one; each is counted under its name, InvocationsPerCopy is 1/copies, and CloudWatch gets SageMaker's
+    InferenceComponentName dimension with InvocationsPerCopy and ConcurrentRequestsPerCopy."""
+    import uuid
+
+    config = tmp_path / "components.toml"
+    config.write_text(f"""
+[[Endpoints]]
+EndpointName = "llm"
+[[Endpoints.ProductionVariants]]
+VariantName = "AllTraffic"
+Instances = ["{model.url}"]
+[[Endpoints.InferenceComponents]]
+InferenceComponentName = "ic-small"
+Instances = ["{model.url}"]
+CopyCount = 2
+[[Endpoints.InferenceComponents]]
+InferenceComponentName = "ic-large"
+Instances = ["{model.url}"]
+CopyCount = 4
+""")
+    namespace = f"Test{uuid.uuid4().hex[:8]}"
+    proxy = start_proxy(None, "--config", str(config), "--cloudwatch", "--cloudwatch-endpoint-url", moto.url,
+                        "--cloudwatch-namespace", namespace, "--cloudwatch-period", "1")
+    client = runtime(proxy)
+    for name, n in (("ic-small", 3), ("ic-large", 2)):
+        for _ in range(n):
+            r = client.invoke_endpoint(EndpointName="llm", Body=BODY, InferenceComponentName=name)
+            assert r["InvokedProductionVariant"] == "AllTraffic"
+    [seen, *_] = received(model)
+    assert dict((k.lower(), v) for k, v in seen["headers"])["x-amzn-sagemaker-inference-component"] == "ic-small"
+    for kwargs, says in (({}, "InferenceComponentName is required"), ({"InferenceComponentName": "ic-none"}, "no inference component 'ic-none'")):
+        with pytest.raises(ClientError) as raised:
+            client.invoke_endpoint(EndpointName="llm", Body=BODY, **kwargs)
+        assert raised.value.response["Error"]["Code"] == "ValidationError" and says in raised.value.response["Error"]["Message"]
+    labels = {"endpoint_name": "llm", "variant_name": "AllTraffic"}
+    samples = proxy.samples()
+
+    def sample(name: str, component: str) -> float:
+        return samples[(name, frozenset({**labels, "inference_component": component}.items()))]
+
+    assert sample("sagemaker_invocations_total", "ic-small") == 3 and sample("sagemaker_invocations_total", "ic-large") == 2
+    assert sample("sagemaker_invocations_per_instance_total", "ic-small") == pytest.approx(1.5)  # 3 x 1/2
+    assert sample("sagemaker_invocations_per_instance_total", "ic-large") == pytest.approx(0.5)  # 2 x 1/4
+    assert sample("sagemaker_invocations_total", "") == 0  # the variant's own traffic
+    assert proxy.value("sagemaker_proxy_rejected_requests_total", endpoint_name="llm", inference_component="", reason="unknown_inference_component") == 2
+
+    cloudwatch = boto3.client("cloudwatch", endpoint_url=moto.url, region_name="us-east-1")
+
+    def cw(metric: str, component: str) -> dict[str, float]:
+        deadline = time.monotonic() + 20
+        while True:
+            points = cloudwatch.get_metric_statistics(
+                Namespace=namespace, MetricName=metric, Dimensions=[{"Name": "InferenceComponentName", "Value": component}],
+                StartTime=time.time() - 600, EndTime=time.time() + 300, Period=3600, Statistics=["SampleCount", "Sum", "Maximum"],
+            )["Datapoints"]
+            if points or time.monotonic() > deadline:
+                return points[0] if points else {}
+            time.sleep(0.25)
+
+    assert cw("Invocations", "ic-small")["Sum"] == 3
+    assert cw("InvocationsPerCopy", "ic-small")["Sum"] == pytest.approx(1.5)
+    assert cw("ConcurrentRequestsPerCopy", "ic-large")["Maximum"] == pytest.approx(0.25)  # one at a time over 4 copies
+    names = {m["MetricName"] for m in cloudwatch.list_metrics(Namespace=namespace, Dimensions=[{"Name": "InferenceComponentName"}])["Metrics"]}
+    assert {"Invocations", "ModelLatency", "OverheadLatency", "InvocationsPerCopy", "ConcurrentRequestsPerCopy"} <= names
+    assert "InvocationsPerInstance" not in names and "ConcurrentRequestsPerModel" not in names

@@ -75,6 +75,9 @@ class Admission:
 
     def leave(self) -> None:
         """A slot is free: the next in line takes it, else it is given back."""
+        if not self._waiters:
+            self.in_flight -= 1
+            return
         while self._waiters:
             turn = self._waiters.popleft()
             if not turn.done():

@@ -68,6 +68,7 @@ class ProxyApp:
         count_tokens: bool = True,
         endpoint_name: str = "",
         endpoints: Mapping[str, Sequence[Variant]] | None = None,
+        components: Mapping[str, Mapping[str, Variant]] | None = None,
         auth: sigv4.CredentialsFile | None = None,
         log_access: bool = False,
         native_routes: bool = True,
@@ -78,7 +79,7 @@ class ProxyApp:
     ) -> None:
         """``variants`` are the endpoint ``endpoint_name``'s; ``endpoints`` (name: variants), when given, are
         all the endpoints, the first also served on the native routes."""
-        self._endpoints = {name: Endpoint(name, vs) for name, vs in (endpoints or {endpoint_name: variants}).items()}
+        self._endpoints = {name: Endpoint(name, vs, (components or {}).get(name)) for name, vs in (endpoints or {endpoint_name: variants}).items()}
         self._first = next(iter(self._endpoints.values()))
         self._random = random
         self._routes = Routes(invocation_routes)
@@ -159,10 +160,11 @@ class ProxyApp:
             await self._refuse(front, *refusal, variant=endpoint.default)
             return None
         target, headers, route = front.model_request(scope, headers, self._model_path)
-        variant = endpoint.choose(target_variant, self._random)
+        component = front.component(scope)
+        variant = endpoint.choose(target_variant, self._random, component)
         authenticate = front.signed and self._auth is not None  # then nothing is told before the signature is checked
         if variant is None and not authenticate:
-            await self._refuse(front, Fault.UNKNOWN_VARIANT, endpoint.unknown_variant(target_variant), variant=endpoint.default)
+            await self._refuse(front, *endpoint.not_found(target_variant, component), variant=endpoint.default)
             return None
         body = await read_body(receive, self._max_payload, self._budget, record, declared)
         if isinstance(body, Fault):
@@ -176,7 +178,7 @@ class ProxyApp:
                 return None
             headers = [headers[0], *signed]
             if variant is None:
-                await self._refuse(front, Fault.UNKNOWN_VARIANT, endpoint.unknown_variant(target_variant), variant=endpoint.default)
+                await self._refuse(front, *endpoint.not_found(target_variant, component), variant=endpoint.default)
                 return None
         assert variant is not None
         if not variant.client.ready():
@@ -185,19 +187,18 @@ class ProxyApp:
         headers[0] = (b"host", variant.client.authority)
         if route is not None:  # a container behind the Runtime API gets SageMaker's headers only; a loop is caught a hop later
             headers.append((HOP_HEADER, self._hop))
-        record.variant = variant
-        record.endpoint = endpoint.name
+        record.variant, record.endpoint = variant, endpoint.name
         if route is None:
             record.counted = self._record  # every Runtime API call is an invocation
         else:
-            counted, record.model = self._routes.match(method, route)
+            counted, record.model = (True, None) if (method, route) in self._routes.exact else self._routes.match(method, route)
             record.counted = self._record and counted
             if not counted and method == "POST":
                 self._uncounted.seen(method, route)
         record.request_bytes = body_size(body)
         if variant.models is not None and record.counted and record.model is None:
             record.model = named_model(scope["headers"], body)
-        record.recorder = recorder = variant.recorder_for(record.model)
+        record.recorder = recorder = variant.recorder if variant.models is None else variant.models.get(record.model)
         waited = 0 if self._admission.try_enter() else await queue(self._admission, scope, variant.recorder, self._clock)
         if isinstance(waited, Fault):
             await self._refuse(front, waited, variant=variant)

@@ -13,6 +13,7 @@ from proxy.types import Body, Headers, Scope, Send
 # upload or a tunnel is not drained, and a broken or stalled body has no end to find.
 CLOSE_AFTER = frozenset({Fault.PAYLOAD_TOO_LARGE, Fault.BODY_BUDGET, Fault.METHOD_NOT_ALLOWED, Fault.BODY_TIMEOUT, Fault.MALFORMED_REQUEST})
 ALLOW = b"GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS"
+COMPONENT_HEADER = b"x-amzn-sagemaker-inference-component"
 
 
 class Front:
@@ -26,6 +27,10 @@ class Front:
 
     def method_refusal(self, method: str) -> str | None:
         """Why this front does not take ``method``; None when it does."""
+        return None
+
+    def component(self, scope: Scope) -> bytes | None:
+        """The inference component the request names (the Runtime API's InferenceComponentName)."""
         return None
 
     def model_request(self, scope: Scope, headers: Headers, model_path: bytes) -> tuple[bytes, Headers, str | None]:
@@ -79,6 +84,12 @@ class RuntimeFront(Front):
         if method == "POST":
             return None
         return f"{'InvokeEndpointWithResponseStream' if self._api.streaming else 'InvokeEndpoint'} takes POST"
+
+    def component(self, scope: Scope) -> bytes | None:
+        for name, value in scope["headers"]:
+            if name == COMPONENT_HEADER:
+                return value
+        return b""
 
     def model_request(self, scope: Scope, headers: Headers, model_path: bytes) -> tuple[bytes, Headers, str | None]:
         return model_path, [headers[0], *api.request_headers(scope["headers"], self._api.streaming)], None

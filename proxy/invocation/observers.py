@@ -15,9 +15,13 @@ from proxy.invocation.tokens import EVENT_STREAM, MAX_JSON_BODY, TOKEN_BATCH_BYT
 
 
 class Observer:
-    """Looks at nothing; the measurements below each override what they need."""
+    """Looks at nothing; the measurements below each override what they need, and say whether they look at
+    every chunk's arrival and hand-over or only the first's (the loop then calls them no more)."""
 
     __slots__ = ()
+
+    each_arrival = False
+    each_sent = False
 
     def arrived(self, record: Invocation, chunk: bytes, now: int) -> None:
         pass
@@ -48,6 +52,8 @@ class InterChunk(Observer):
 
     __slots__ = ("_blocked", "_last", "_recorder")
 
+    each_arrival = True
+
     def __init__(self, recorder: InvocationRecorder) -> None:
         self._recorder = recorder
         self._last = 0  # the previous chunk's arrival
@@ -63,6 +69,8 @@ class StreamedTokens(Observer):
     """The tokens of an OpenAI-compatible event stream, scanned a batch of chunks at a time once they went out."""
 
     __slots__ = ("_arrivals", "_pending", "_scanned", "_size", "_tokens")
+
+    each_arrival = each_sent = True
 
     def __init__(self) -> None:
         self._tokens = StreamTokens()
@@ -97,6 +105,8 @@ class JsonUsage(Observer):
     """The usage object of a whole (not streamed) OpenAI-compatible JSON answer, kept bounded until its end."""
 
     __slots__ = ("_content_type", "_parts")
+
+    each_arrival = True
 
     def __init__(self, content_type: bytes) -> None:
         self._content_type = content_type

@@ -51,38 +51,37 @@ async def _chunks(
 ) -> int:
     """A response still arriving, chunk by chunk as it comes; the last chunk's arrival. Time blocked in
     ``send()`` before the model's last byte is the client's, not the model's."""
-    arrived = record.t_head  # when the chunk in hand came from the model
-    more = True
-    t0 = record.t_head
+    arrived = t0 = record.t_head  # when the chunk in hand came from the model
     if not chunk:
         # The head waits for the first body byte, so a model that fails before it gets a real answer (502, 504).
         record.blocked_ns += clock() - t0  # the proxy's work on the head is not the model's
         chunk = await response.read()
         t0 = arrived = clock()
-        more = bool(chunk)
-    while more:
-        if chunk:
-            for o in watching:  # as it arrived: what is blocked from here on is the client's
-                o.arrived(record, chunk, arrived)
-            if not record.responded:
-                record.responded = True
-                await send(start)
-                record.blocked_ns += clock() - t0
-            record.response_bytes += len(chunk)
-            t0 = clock()
-            guard.writing()
-            await send({"type": "http.response.body", "body": chunk, "more_body": True})
-            record.blocked_ns += clock() - t0
-            guard.rearm()
-            for o in watching:
-                o.sent(record, chunk, t0)
+    if chunk:
+        for o in watching:  # as it arrived: what is blocked from here on is the client's
+            o.arrived(record, chunk, arrived)
+    record.responded = True
+    await send(start)
+    record.blocked_ns += clock() - t0
+    # Past the first chunk, only the observers that look at every chunk are called.
+    arriving = tuple(o for o in watching if o.each_arrival)
+    sending, after_first = watching, tuple(o for o in watching if o.each_sent)
+    while chunk:
+        record.response_bytes += len(chunk)
+        t0 = clock()
+        guard.writing()
+        await send({"type": "http.response.body", "body": chunk, "more_body": True})
+        record.blocked_ns += clock() - t0
+        guard.rearm()
+        for o in sending:
+            o.sent(record, chunk, t0)
+        sending = after_first
         chunk = await response.read()
         if not chunk:
             break
         arrived = clock()
-    if not record.responded:  # a stream that ended with no body byte
-        record.responded = True
-        await send(start)
+        for o in arriving:
+            o.arrived(record, chunk, arrived)
     record.t_done = clock()
     guard.stop()
     await send({"type": "http.response.body", "body": b""})

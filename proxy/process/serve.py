@@ -36,7 +36,7 @@ from proxy.invocation.tracing import wanted as tracing_wanted
 from proxy.process.admin import create_admin_app
 from proxy.process.background import Background, Host, Stream, endpoint_host
 from proxy.process.model import ModelProcess, ReadinessGate
-from proxy.process.variant_set import VariantSet, build_variants
+from proxy.process.variant_set import VariantSet, build_variants, component_key, recording_units
 from proxy.runtime import api
 from proxy.runtime.sigv4 import CredentialsFile
 from proxy.settings import ConfigError, MonitorSettings, Settings
@@ -199,6 +199,11 @@ def _background(settings: Settings, registry: CollectorRegistry, *, invocations:
         (endpoint.name, v.name): Stream(settings.cloudwatch_namespace, ((("EndpointName", endpoint.name), ("VariantName", v.name)),))
         for endpoint in settings.endpoints for v in endpoint.variants
     }
+    # An inference component's metrics have SageMaker's dimension InferenceComponentName alone.
+    streams.update({
+        (endpoint.name, component_key(c.name)): Stream(settings.cloudwatch_namespace, ((("InferenceComponentName", c.name),),))
+        for endpoint in settings.endpoints for _, c in endpoint.components
+    })
     return Background(
         settings.cloudwatch, registry,
         health_labels={"endpoint_name": e, "variant_name": settings.variants[0].name},
@@ -221,11 +226,13 @@ def _proxy_app(
         overhead_latency_buckets=settings.overhead_latency_buckets,
         shared=shared,
         model_label=settings.model_label,
+        component_label=any(endpoint.components for endpoint in settings.endpoints),
     )
     variants = build_variants(settings, metrics, statistics, in_flight=in_flight, concurrency=concurrency)
     app = ProxyApp(
         variants=variants.variants,
         endpoints=variants.endpoints,
+        components=variants.components,
         log_access=settings.access_log,
         tracing=Tracing(registry, settings.otel) if tracing_wanted(settings.otel) else None,
         invocation_routes=settings.invocation_routes,
@@ -391,7 +398,7 @@ async def _serve_worker(settings: Settings, proxy_sock: socket.socket, multiproc
     registry = CollectorRegistry()
     background = _background(settings, registry, invocations=True, host=None)  # the supervisor samples the host
     in_flight_path = os.path.join(multiproc_dir, IN_FLIGHT_FILE)
-    columns = sum(len(endpoint.variants) for endpoint in settings.endpoints)
+    columns = len(recording_units(settings))
     app, variants = _proxy_app(
         settings, registry, background.statistics, SharedFiles(multiproc_dir),
         lambda column: SharedInFlight(in_flight_path, index, column, columns), background.concurrency,

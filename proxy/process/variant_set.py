@@ -32,12 +32,13 @@ class VariantSet:
     def __init__(self) -> None:
         self.variants: list[Variant] = []  # of every endpoint, in order
         self.endpoints: dict[str, list[Variant]] = {}  # each endpoint's, the first served on the native routes
+        self.components: dict[str, dict[str, Variant]] = {}  # each endpoint's inference components, by name
         self._clients: list[ConnectionPool | BalancedClient] = []
         self._jobs: list[Callable[[], Coroutine[Any, Any, None]]] = []
         self._tasks: list[asyncio.Task[None]] = []
 
     def clients(self) -> list[ModelClient]:
-        return [v.client for v in self.variants]
+        return [v.client for v in self.variants] + [c.client for cs in self.components.values() for c in cs.values()]
 
     async def __aenter__(self) -> VariantSet:
         """Starts the health loops of balanced clients and the polls of live counts."""
@@ -108,18 +109,19 @@ def build_variants(
     """Each variant's client, live count and recorder. ``in_flight(i)`` counts variant i's invocations in
     flight; ``count=False`` (a process that serves no invocations) polls no live count."""
     out = VariantSet()
-    specs = [(endpoint.name, spec) for endpoint in settings.endpoints for spec in endpoint.variants]
-    for i, (endpoint, spec) in enumerate(specs):
+    for i, (endpoint, variant_name, spec, component) in enumerate(recording_units(settings)):
+        key = (endpoint, component_key(component) if component else variant_name)
         make = partial(
             InvocationRecorder,
             metrics,
             endpoint_name=endpoint,
-            variant_name=spec.name,
+            variant_name=variant_name,
             reject_reasons=REJECT_REASONS,
             upstream_error_reasons=UPSTREAM_ERROR_REASONS,
-            statistics=statistics.get((endpoint, spec.name)),
+            statistics=statistics.get(key),
             in_flight=in_flight(i),
-            concurrency_statistics=(concurrency or {}).get((endpoint, spec.name)),
+            concurrency_statistics=(concurrency or {}).get(key),
+            component=component,
         )
         models = ModelRecorders(partial(_for_model, make), settings.max_models) if metrics.model_label else None
         recorder = models.default if models is not None else make()
@@ -135,6 +137,23 @@ def build_variants(
             source.on_error = recorder.instance_count_error
             out._jobs.append(source.run)
         out._clients.append(client)
-        out.variants.append(Variant(spec.name, client, recorder, source, spec.weight, models))
-        out.endpoints.setdefault(endpoint, []).append(out.variants[-1])
+        variant = Variant(variant_name, client, recorder, source, spec.weight, models)
+        if component:
+            out.components.setdefault(endpoint, {})[component] = variant
+        else:
+            out.variants.append(variant)
+            out.endpoints.setdefault(endpoint, []).append(variant)
     return out
+
+
+def component_key(name: str) -> str:
+    """Where an inference component's statistics are kept beside the variants' (a variant name has no '/')."""
+    return f"inference-component/{name}"
+
+
+def recording_units(settings: Settings) -> list[tuple[str, str, VariantConfig, str]]:
+    """What is recorded apart, in a fixed order (the columns of the in-flight counts): each variant, then each
+    inference component, as (endpoint, variant, its configuration, component name or "")."""
+    units = [(e.name, spec.name, spec, "") for e in settings.endpoints for spec in e.variants]
+    units += [(e.name, variant, spec, spec.name) for e in settings.endpoints for variant, spec in e.components]
+    return units
