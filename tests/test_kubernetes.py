@@ -215,8 +215,11 @@ def test_termination_grace_covers_the_drain() -> None:
     options = serve_options()
     invocation_timeout = float(env(proxy).get("SAGEMAKER_PROXY_INVOCATION_TIMEOUT") or options["SAGEMAKER_PROXY_INVOCATION_TIMEOUT"] or 0)
     flush = float(env(proxy).get("SAGEMAKER_PROXY_CLOUDWATCH_FLUSH_TIMEOUT") or options["SAGEMAKER_PROXY_CLOUDWATCH_FLUSH_TIMEOUT"] or 0)
-    assert invocation_timeout > 0 and flush > 0
-    assert spec["terminationGracePeriodSeconds"] >= pre_stop + invocation_timeout + flush, (spec["terminationGracePeriodSeconds"], pre_stop, invocation_timeout, flush)
+    linger = float(env(proxy).get("SAGEMAKER_PROXY_ADMIN_LINGER") or options["SAGEMAKER_PROXY_ADMIN_LINGER"] or 0)
+    spans = float(env(proxy).get("SAGEMAKER_PROXY_OTEL_SHUTDOWN_TIMEOUT") or options["SAGEMAKER_PROXY_OTEL_SHUTDOWN_TIMEOUT"] or 0)
+    assert invocation_timeout > 0 and flush > 0 and linger > 0 and spans > 0
+    needed = pre_stop + invocation_timeout + linger + flush + spans
+    assert spec["terminationGracePeriodSeconds"] >= needed, (spec["terminationGracePeriodSeconds"], pre_stop, invocation_timeout, linger, flush, spans)
     # The comment that states the arithmetic states this grace period.
     text = (K8S / "model-with-proxy.yaml").read_text()
     assert f"= {spec['terminationGracePeriodSeconds']} s" in text
