@@ -162,7 +162,8 @@ class InvocationRecorder:
         c = metrics.children(e, v, model, component)
         # An inference component's CloudWatch names are per copy, as SageMaker's.
         self._per_instance_name, self._concurrent_name = (PER_COPY, CONCURRENT_PER_COPY) if component else (PER_INSTANCE, CONCURRENT)
-        self._copies = 1
+        self._per_copy = bool(component)
+        self._copies = 1  # an inference component's live copies, for ConcurrentRequestsPerCopy
         self._invocations = c[d.INVOCATIONS]
         self._errors_4xx = c[d.INVOCATION_4XX_ERRORS]
         self._errors_5xx = c[d.INVOCATION_5XX_ERRORS]
@@ -196,7 +197,7 @@ class InvocationRecorder:
         now = self._in_flight.add(1)
         stats = self._concurrency_statistics
         if stats is not None:
-            stats.add(stats.current(), self._concurrent_name, now / self._copies)
+            stats.add(stats.current(), self._concurrent_name, now / self._copies if self._per_copy else now)
 
     def waiting(self, delta: int) -> None:
         """A request joins (1) or leaves (-1) the queue for a slot at the model. It is in flight as SageMaker
@@ -206,7 +207,7 @@ class InvocationRecorder:
         now = self._in_flight.add(delta)
         stats = self._concurrency_statistics
         if stats is not None and delta > 0:
-            stats.add(stats.current(), self._concurrent_name, now / self._copies)
+            stats.add(stats.current(), self._concurrent_name, now / self._copies if self._per_copy else now)
 
     def queued(self, waited_us: int) -> None:
         """An invocation got its slot at the model after ``waited_us`` (0 if it did not wait)."""

@@ -393,11 +393,11 @@ def test_concurrency_alone_on_a_high_resolution_period(model: Running, moto: Run
     """--cloudwatch-concurrency-period 1 beside a 60 s period: ConcurrentRequestsPerModel arrives within seconds,
     as SageMaker's high-resolution one does for fast autoscaling; the rest waits for its minute (here, the stop)."""
     namespace = f"Test{uuid.uuid4().hex[:8]}"
-    proxy = start_proxy(model.url, *cloudwatch_flags(moto.url, namespace, period="60"), "--cloudwatch-concurrency-period", "1")
+    proxy = start_proxy(model.url, *cloudwatch_flags(moto.url, namespace, period="60"), "--cloudwatch-concurrency-period", "1", "--instance-count", "4")
     for _ in range(3):
         assert httpx.post(f"{proxy.url}/invocations", json=IRIS).status_code == 200
     concurrency = wait_for_statistics(moto.url, namespace, "ConcurrentRequestsPerModel", 3, timeout=10)
-    assert concurrency["Maximum"] == 1
+    assert concurrency["Maximum"] == 1  # per model, not divided by the 4 instances (that is per copy, for components)
     assert statistics(moto.url, namespace, "Invocations") == {}  # its 60 s period has not ended
     proxy.stop()  # the last partial periods are flushed at the stop
     assert wait_for_statistics(moto.url, namespace, "Invocations", 3)["Sum"] == 3

@@ -453,3 +453,21 @@ def test_a_client_that_leaves_the_queue_frees_its_place(model: Running, start_pr
     assert invoke(proxy).status_code == 200
     assert proxy.value("sagemaker_invocations_total") == 2  # the one that left was never sent to the model
     assert proxy.value("sagemaker_proxy_rejected_requests_total", reason="client_disconnect") == 1
+
+
+def test_a_health_check_never_waits_behind_the_invocations(model: Running, start_proxy: Callable[..., Proxy]) -> None:
+    """Only invocations take a slot at the model: with the one slot busy, /ping on the proxy port answers at once."""
+    import concurrent.futures
+
+    proxy = start_proxy(model.url, "--max-concurrency", "1", "--queue-depth", "0")
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        busy = pool.submit(lambda: invoke(proxy, {"X-Test-Delay-Ms": "800"}).status_code)
+        deadline = time.monotonic() + 5
+        while proxy.value("sagemaker_concurrent_requests_per_model") < 1 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        started = time.monotonic()
+        assert httpx.get(f"{proxy.url}/ping").status_code == 200
+        assert time.monotonic() - started < 0.5
+        assert invoke(proxy).status_code == 503  # an invocation does wait (here: no queue, refused)
+        assert busy.result() == 200
+    assert proxy.value("sagemaker_proxy_rejected_requests_total", reason="over_capacity") == 1

@@ -206,3 +206,39 @@ def test_a_blank_model_command_is_refused_at_start() -> None:
     )
     assert result.returncode == 2
     assert "--model-command" in result.stderr and "empty" in result.stderr
+
+
+@pytest.mark.e2e
+def test_a_command_with_quoted_variables_is_still_the_model_itself(proxy_with_model: Callable[..., tuple[Proxy, int]], tmp_path: Path) -> None:
+    """`NAME="a b" serve ...` runs as `NAME="a b" exec serve ...`: the child is the model, which stops cleanly."""
+    port, metrics_port, model_port = free_port(), free_port(), free_port()
+    command = f'GREETING="hello there" {sys.executable} -m example_model --host 127.0.0.1 --port {model_port} --log-level info'
+    args = [
+        "-m", "proxy", "serve", "--upstream", f"http://127.0.0.1:{model_port}", "--host", "127.0.0.1", "--port", str(port),
+        "--metrics-port", str(metrics_port), "--endpoint-name", "test-endpoint", "--admin-linger", "0", "--model-command", command,
+    ]
+    running = start(args, metrics_port, tmp_path / "quoted.log")
+    proxy = Proxy(running.proc, port, running.log, metrics_port)
+    try:
+        wait_ready(proxy)
+        model = model_of(proxy)
+        assert model.pid in {c.pid for c in psutil.Process(proxy.proc.pid).children()}  # exec'd: no shell between
+        assert model.environ().get("GREETING") == "hello there"
+        proxy.proc.send_signal(signal.SIGTERM)
+        assert proxy.proc.wait(15) == 0
+        assert f"Finished server process [{model.pid}]" in proxy.log.read_text()
+    finally:
+        proxy.stop()
+
+
+@pytest.mark.e2e
+def test_a_model_that_crashes_while_starting_gives_its_own_exit_status(proxy_with_model: Callable[..., tuple[Proxy, int]], tmp_path: Path) -> None:
+    port, metrics_port = free_port(), free_port()
+    args = [
+        "-m", "proxy", "serve", "--upstream", f"http://127.0.0.1:{free_port()}", "--host", "127.0.0.1", "--port", str(port),
+        "--metrics-port", str(metrics_port), "--endpoint-name", "test-endpoint", "--admin-linger", "0",
+        "--model-command", f"{sys.executable} -c 'import sys; sys.exit(3)'",
+    ]
+    running = start(args, metrics_port, tmp_path / "crash.log")
+    assert running.proc.wait(15) == 3, running.log.read_text()
+    assert "exited while starting (exit code 3)" in running.log.read_text()

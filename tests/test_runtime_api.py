@@ -500,7 +500,7 @@ def test_under_sigv4_the_native_routes_need_a_signature_too_and_the_signature_st
     assert unsigned.status_code == 403 and "MissingAuthenticationTokenException" in unsigned.json()["error"]
 
     def signed(region: str) -> dict[str, str]:
-        request = AWSRequest(method="POST", url=url, data=BODY, headers={"Content-Type": "application/json", "X-Custom": "kept"})
+        request = AWSRequest(method="POST", url=url, data=BODY, headers={"Content-Type": "application/json", "X-Custom": "kept", "X-Hop": "1", "Connection": "X-Hop"})
         SigV4Auth(Credentials("AKIDEXAMPLE", "secret"), "sagemaker", region).add_auth(request)
         return dict(request.headers.items())
 
@@ -509,6 +509,8 @@ def test_under_sigv4_the_native_routes_need_a_signature_too_and_the_signature_st
     [seen] = received(model)
     names = {name.lower() for name, _ in seen["headers"]}
     assert "authorization" not in names and "x-amz-date" not in names and "x-custom" in names
+    assert "x-hop" not in names and "connection" not in names  # signed, but hop-by-hop for this hop
+    assert "x-forwarded-for" in names and "x-forwarded-proto" in names  # as for an unsigned request
     elsewhere = httpx.post(url, content=BODY, headers=signed("us-west-2"))
     assert elsewhere.status_code == 403 and "region" in elsewhere.json()["error"]
     with pytest.raises(ClientError) as raised:  # the Runtime API checks the region the same way

@@ -27,7 +27,7 @@ from urllib.parse import unquote
 import httptools
 
 from proxy.errors import Fault, error_body
-from proxy.types import DISCONNECT_EXTENSION, FAULT_KEY, ASGIApp, Headers, Message, Scope
+from proxy.types import DISCONNECT_EXTENSION, DISCONNECTED, FAULT_KEY, ASGIApp, Headers, Message, Scope
 
 log = logging.getLogger("proxy.http")
 
@@ -323,6 +323,7 @@ class _Cycle:
         self.fault = fault
         self._wake()
         if fault is None and not self.response_complete:
+            self.scope["extensions"][DISCONNECTED] = True
             callbacks: list[Callable[[], None]] = self.scope["extensions"][DISCONNECT_EXTENSION]
             for callback in callbacks:
                 callback()

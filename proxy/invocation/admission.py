@@ -14,7 +14,7 @@ from collections.abc import Callable
 
 from metrics.recorder import InvocationRecorder
 from proxy.errors import Fault
-from proxy.types import DISCONNECT_EXTENSION, Scope
+from proxy.types import DISCONNECT_EXTENSION, DISCONNECTED, Scope
 
 
 class Admission:
@@ -43,6 +43,8 @@ class Admission:
 
     async def wait(self, scope: Scope) -> Fault | None:
         """Waits in line for a slot; None once it holds one, else why it gave up (the request is refused)."""
+        if scope.get("extensions", {}).get(DISCONNECTED):
+            return Fault.CLIENT_DISCONNECT_EARLY  # gone already: no place in line
         if len(self._waiters) >= self.depth:
             return Fault.QUEUE_FULL if self.depth else Fault.OVER_CAPACITY
         loop = self._loop = self._loop or asyncio.get_running_loop()

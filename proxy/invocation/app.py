@@ -141,7 +141,7 @@ class ProxyApp:
             if isinstance(body, Fault):
                 await self._refuse(front, body)
                 return
-            if await front.authenticated(scope, body, False, self._auth) is None:
+            if await front.authenticated(scope, body, False, self._auth, []) is None:
                 self._first.default.recorder.rejected(Fault.AUTH_FAILED.reason)
                 return
         if call is None:
@@ -172,7 +172,7 @@ class ProxyApp:
             return None
         if authenticate:
             assert self._auth is not None
-            signed = await front.authenticated(scope, body, target_variant is not None, self._auth)
+            signed = await front.authenticated(scope, body, target_variant is not None, self._auth, headers)
             if signed is None:
                 (variant or endpoint.default).recorder.rejected(Fault.AUTH_FAILED.reason)
                 return None
@@ -188,23 +188,24 @@ class ProxyApp:
         if route is not None:  # a container behind the Runtime API gets SageMaker's headers only; a loop is caught a hop later
             headers.append((HOP_HEADER, self._hop))
         record.variant, record.endpoint = variant, endpoint.name
-        if route is None:
-            record.counted = self._record  # every Runtime API call is an invocation
-        else:
-            counted, record.model = (True, None) if (method, route) in self._routes.exact else self._routes.match(method, route)
-            record.counted = self._record and counted
-            if not counted and method == "POST":
+        invocation = True  # every Runtime API call is one
+        if route is not None:
+            invocation, record.model = (True, None) if (method, route) in self._routes.exact else self._routes.match(method, route)
+            if not invocation and method == "POST":
                 self._uncounted.seen(method, route)
+        record.counted = self._record and invocation
         record.request_bytes = body_size(body)
         if variant.models is not None and record.counted and record.model is None:
             record.model = named_model(scope["headers"], body)
         record.recorder = recorder = variant.recorder if variant.models is None else variant.models.get(record.model)
-        waited = 0 if self._admission.try_enter() else await queue(self._admission, scope, variant.recorder, self._clock)
-        if isinstance(waited, Fault):
-            await self._refuse(front, waited, variant=variant)
-            return None
-        if record.counted and self._admission.limit:
-            recorder.queued(waited)
+        if invocation:  # only invocations take a slot at the model: a health check never waits behind them
+            waited = 0 if self._admission.try_enter() else await queue(self._admission, scope, variant.recorder, self._clock)
+            if isinstance(waited, Fault):
+                await self._refuse(front, waited, variant=variant)
+                return None
+            record.admitted = True
+            if record.counted and self._admission.limit:
+                recorder.queued(waited)
         return _Forward(method.encode(), target, headers, body)
 
     # -- phase 2: forward; then record, exactly once -----------------------------------------------------
@@ -217,15 +218,16 @@ class ProxyApp:
         if loop is None or not loop.is_running():
             # asyncio.get_running_loop() makes a getpid() system call each time (a fork check): once per loop here.
             loop = self._loop = asyncio.get_running_loop()
-        guard = Guard(loop, self._deadlines, scope, receive)
-        if record.counted:
-            record.instances = variant.instances.current()
-            assert record.recorder is not None
-            record.recorder.invocation_started()
-        tracing = self._tracing
-        spans = tracing.begin(scope, record, variant, request.headers, clock()) if tracing is not None else None
         response: ModelResponse | None = None
-        try:
+        spans: tuple[Any, Any, int] | None = None
+        guard = Guard(loop, self._deadlines, scope, receive)
+        try:  # from here the slot at the model is given back, and the invocation recorded, whatever happens
+            if record.counted:
+                record.instances = variant.instances.current()
+                assert record.recorder is not None
+                record.recorder.invocation_started()
+            tracing = self._tracing
+            spans = tracing.begin(scope, record, variant, request.headers, clock()) if tracing is not None else None
             record.t_send = clock()
             try:
                 response = await variant.client.request(request.method, request.target, request.headers, request.body)
@@ -262,7 +264,8 @@ class ProxyApp:
                 raise
             await self._refuse(front, Fault.INTERNAL, variant=variant)
         finally:
-            self._admission.leave()
+            if record.admitted:
+                self._admission.leave()
             guard.stop()
             if response is not None:
                 response.close()

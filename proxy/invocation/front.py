@@ -5,7 +5,7 @@ both and calls the front for what differs; it never asks which front it has."""
 from __future__ import annotations
 
 from proxy.errors import Fault, error_body
-from proxy.invocation.headers import REQUEST_DROP, TARGET_VARIANT_HEADER, VARIANT_HEADER
+from proxy.invocation.headers import TARGET_VARIANT_HEADER, VARIANT_HEADER
 from proxy.runtime import api, sigv4
 from proxy.types import Body, Headers, Scope, Send
 
@@ -40,16 +40,16 @@ class Front:
         query: bytes = scope.get("query_string", b"")
         return (raw_path + b"?" + query if query else raw_path), headers, scope["path"]
 
-    async def authenticated(self, scope: Scope, body: Body, targets_variant: bool, auth: sigv4.CredentialsFile) -> Headers | None:
-        """The request's headers for the model once its signature checks out (the signed ones, never the
-        signature itself), or None once it was refused with 403."""
-        headers: Headers = scope["headers"]
+    async def authenticated(self, scope: Scope, body: Body, targets_variant: bool, auth: sigv4.CredentialsFile, headers: Headers) -> Headers | None:
+        """Of ``headers`` (those built for the model, Host first), the ones to send once the request's signature
+        checks out: the signed ones and X-Forwarded-*, never the signature itself; None once it was refused
+        with 403."""
         try:
             signed = _verified(scope, body, targets_variant, auth)
         except sigv4.AuthError as e:
             await self.refuse(Fault.AUTH_FAILED, f"{e.code}: {e.message}", None, "")
             return None
-        return [(n, v) for n, v in headers if n in signed and n not in UNFORWARDED and n not in REQUEST_DROP]
+        return [(n, v) for n, v in headers[1:] if (n in signed or n in FORWARDED) and n not in UNFORWARDED]
 
     async def refuse(self, fault: Fault, message: str, server_timing: bytes | None, variant: str) -> None:
         body = error_body(message)
@@ -94,7 +94,7 @@ class RuntimeFront(Front):
     def model_request(self, scope: Scope, headers: Headers, model_path: bytes) -> tuple[bytes, Headers, str | None]:
         return model_path, [headers[0], *api.request_headers(scope["headers"], self._api.streaming)], None
 
-    async def authenticated(self, scope: Scope, body: Body, targets_variant: bool, auth: sigv4.CredentialsFile) -> Headers | None:
+    async def authenticated(self, scope: Scope, body: Body, targets_variant: bool, auth: sigv4.CredentialsFile, headers: Headers) -> Headers | None:
         """The call's headers for the model (only those its signature covers), or None once it was refused:
         answered with the error botocore expects."""
         try:
@@ -114,6 +114,7 @@ class RuntimeFront(Front):
         return True
 
 
+FORWARDED = frozenset({b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host"})
 # What a signed native request never passes to the model: the signature, and what only the signature needs.
 UNFORWARDED = frozenset({b"authorization", b"x-amz-date", b"x-amz-content-sha256", b"x-amz-security-token", b"host", b"content-length"})
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 
 from proxy.errors import Fault
-from proxy.types import DISCONNECT_EXTENSION, Receive, Scope
+from proxy.types import DISCONNECT_EXTENSION, DISCONNECTED, Receive, Scope
 
 
 class Deadlines:
@@ -61,9 +61,12 @@ class Guard:
         self.on_client = False  # which clock runs: the model's, or the client's while a write to it blocks
         deadlines.add(self, loop)
         self._watcher: asyncio.Task[None] | None = None
-        hooks = scope.get("extensions", {}).get(DISCONNECT_EXTENSION)
+        extensions = scope.get("extensions", {})
+        hooks = extensions.get(DISCONNECT_EXTENSION)
         if hooks is not None:
             hooks.append(self._disconnected)
+            if extensions.get(DISCONNECTED):  # gone before this guard was here to hear it
+                self._disconnected()
         else:
             # Any other ASGI server: the only portable signal is http.disconnect from receive().
             self._watcher = loop.create_task(self._watch(receive))

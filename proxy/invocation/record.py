@@ -41,6 +41,7 @@ class Invocation:
     responded: bool = False  # the response head was handed to the server
     request_bytes: int = 0
     held: int = 0  # of the process's budget for request bodies, given back when the request ends
+    admitted: bool = False  # holds a slot at the model (--max-concurrency), given back when the request ends
     response_bytes: int = 0
     input_tokens: int = 0  # OpenAI-compatible responses (proxy.invocation.tokens)
     output_tokens: int = 0

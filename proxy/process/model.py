@@ -24,7 +24,8 @@ from proxy.http.client import ConnectionPool, ModelClient
 log = logging.getLogger("proxy.model")
 
 POLL_S = 0.1  # between pings while the model starts
-ASSIGNMENTS = re.compile(r"^((?:\s*[A-Za-z_][A-Za-z0-9_]*=\S*)*\s*)")  # `FOO=1 serve` runs as `FOO=1 exec serve`
+_ASSIGNMENT = r"""[A-Za-z_][A-Za-z0-9_]*=(?:'[^']*'|"(?:[^"\\]|\\.)*"|[^\s'"])*"""  # NAME=value, the value quoted or not
+ASSIGNMENTS = re.compile(rf"^((?:\s*{_ASSIGNMENT})*\s*)")  # `FOO='a b' serve` runs as `FOO='a b' exec serve`
 COMPOUND = re.compile(r"[;&|()\n`]|\$\(|^\s*exec\s")  # a command line the shell must run as more than one command
 MAX_BACKOFF_S = 30.0
 
@@ -75,6 +76,7 @@ class ModelProcess:
         self._clock = clock
         self._process: asyncio.subprocess.Process | None = None
         self._task: asyncio.Task[None] | None = None
+        self._timed_out = False  # the last start did not answer within the setup timeout
 
     async def __aenter__(self) -> ModelProcess:
         self._task = asyncio.create_task(self._run())
@@ -99,6 +101,7 @@ class ModelProcess:
         backoff = 1.0
         while True:
             started = self._clock()
+            self._timed_out = False
             process = self._process = await self._start()
             ready = await self._set_up(process, started)
             returncode = await process.wait() if ready else await self._stop()
@@ -108,7 +111,8 @@ class ModelProcess:
                 log.error("model: exited on its own (%s)", describe(returncode))
                 backoff = 1.0  # it ran: start again soon
             if not self._restart:
-                self._failed(exit_status(returncode) if ready else 1)
+                # Its own status if it ended by itself (crashed while starting, say); 1 if it was stopped for not answering.
+                self._failed(exit_status(returncode) if ready or not self._timed_out else 1)
                 return
             self._metrics.restarted()
             log.warning("model: starting it again in %g s (--model-restart)", backoff)
@@ -127,6 +131,7 @@ class ModelProcess:
                 log.info("model: answering its ping after %.3f s", elapsed)
                 return True
             if elapsed > self._setup_timeout:
+                self._timed_out = True
                 log.error("model: not answering its ping after %g s (--model-setup-timeout): %s", self._setup_timeout, why)
                 return False
             await asyncio.sleep(POLL_S)

@@ -40,7 +40,7 @@ from proxy.process.variant_set import VariantSet, build_variants, component_key,
 from proxy.runtime import api
 from proxy.runtime.sigv4 import CredentialsFile
 from proxy.settings import ConfigError, MonitorSettings, Settings
-from proxy.types import DISCONNECT_EXTENSION, ASGIApp
+from proxy.types import DISCONNECT_EXTENSION, DISCONNECTED, ASGIApp
 
 log = logging.getLogger("proxy")
 LOG_ORDER = ("debug", "info", "warning", "error", "critical")
@@ -91,6 +91,7 @@ class _HttpProtocol(HttpToolsProtocol):
     @staticmethod
     def _disconnected(cycle: Any) -> None:
         if cycle is not None and not cycle.response_complete:
+            cycle.scope.setdefault("extensions", {})[DISCONNECTED] = True
             callbacks: list[Callable[[], None]] = cycle.scope.get("extensions", {}).get(DISCONNECT_EXTENSION, [])
             while callbacks:
                 callbacks.pop()()
