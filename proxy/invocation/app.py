@@ -222,12 +222,7 @@ class ProxyApp:
         spans: tuple[Any, Any, int] | None = None
         guard = Guard(loop, self._deadlines, scope, receive)
         try:  # from here the slot at the model is given back, and the invocation recorded, whatever happens
-            if record.counted:
-                record.instances = variant.instances.current()
-                assert record.recorder is not None
-                record.recorder.invocation_started()
-            tracing = self._tracing
-            spans = tracing.begin(scope, record, variant, request.headers, clock()) if tracing is not None else None
+            spans = _begin(scope, record, variant, request.headers, self._tracing, clock)
             record.t_send = clock()
             try:
                 response = await variant.client.request(request.method, request.target, request.headers, request.body)
@@ -298,6 +293,17 @@ class ProxyApp:
             variant.recorder.rejected(fault.reason)
         if fault.status is not None:
             await front.refuse(fault, message or fault.message, server_timing, variant.name)
+
+
+def _begin(
+    scope: Scope, record: Invocation, variant: Variant, headers: Headers, tracing: Tracing | None, clock: Callable[[], int]
+) -> tuple[Any, Any, int] | None:
+    """The invocation starts: its live instance count and concurrency, and its spans (with tracing on)."""
+    if record.counted:
+        record.instances = variant.instances.current()
+        assert record.recorder is not None
+        record.recorder.invocation_started()
+    return tracing.begin(scope, record, variant, headers, clock()) if tracing is not None else None
 
 
 def _report(scope: Scope, record: Invocation, tracing: Tracing | None, spans: tuple[Any, Any, int] | None, access: bool) -> None:

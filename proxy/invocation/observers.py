@@ -32,6 +32,13 @@ class Observer:
     def ended(self, record: Invocation, last: int) -> None:
         pass
 
+    def whole(self, record: Invocation, body: bytes, arrived: int, t0: int) -> None:
+        """A response that came whole with its head, after it went out: one chunk, arrived and sent, then ended."""
+        if body:
+            self.arrived(record, body, arrived)
+            self.sent(record, body, t0)
+        self.ended(record, arrived)
+
 
 class FirstChunk(Observer):
     """A streamed response's first body byte: when it came from the model, and when it went on to the client."""
@@ -63,6 +70,19 @@ class InterChunk(Observer):
         if self._last:
             self._recorder.inter_chunk((now - self._last - (record.blocked_ns - self._blocked)) // 1000)
         self._last, self._blocked = now, record.blocked_ns
+
+
+class WholeTokens(Observer):
+    """The tokens of an event stream that came whole with its head: one scan, nothing kept between calls."""
+
+    __slots__ = ()
+
+    def whole(self, record: Invocation, body: bytes, arrived: int, t0: int) -> None:
+        tokens = StreamTokens()
+        tokens.feed(body, arrived)
+        tokens.finish(arrived)
+        record.input_tokens, record.output_tokens = tokens.input_tokens, tokens.output_tokens
+        record.time_per_output_token_ns = tokens.time_per_output_token_ns()
 
 
 class StreamedTokens(Observer):
@@ -122,6 +142,7 @@ class JsonUsage(Observer):
 
 
 FIRST_CHUNK = FirstChunk()  # it keeps nothing of its own: one for all responses
+WHOLE_TOKENS = WholeTokens()
 NOTHING: tuple[Observer, ...] = ()
 
 
@@ -135,6 +156,8 @@ def for_response(response: ModelResponse, record: Invocation, count_tokens: bool
     content_type = next((v for n, v in response.headers if n == b"content-type"), b"")
     if streamed:
         if count_tokens and content_type.startswith(EVENT_STREAM):
+            if response.complete:  # one chunk: no gaps to measure, one scan
+                return FIRST_CHUNK, WHOLE_TOKENS
             return FIRST_CHUNK, InterChunk(recorder), StreamedTokens()
         if count_tokens and response.complete:
             return FIRST_CHUNK, InterChunk(recorder), JsonUsage(content_type)

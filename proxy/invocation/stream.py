@@ -35,13 +35,11 @@ async def stream_back(
         t0 = clock() if watching else 0
         await send({"type": "http.response.body", "body": chunk})
         record.t_out = clock()
-    else:
-        arrived = await _chunks(response, record, send, guard, clock, start, watching, chunk)
-        chunk = b""  # every chunk was seen on the way
-    for o in watching:  # after the answer went out: the client does not wait for them
-        if chunk:
-            o.arrived(record, chunk, arrived)
-            o.sent(record, chunk, t0)
+        for o in watching:  # after the answer went out: the client does not wait for them
+            o.whole(record, chunk, arrived, t0)
+        return
+    arrived = await _chunks(response, record, send, guard, clock, start, watching, chunk)
+    for o in watching:  # every chunk was seen on the way; after the answer went out, the end
         o.ended(record, arrived)
 
 
