@@ -35,8 +35,8 @@ class Admission:
         return len(self._waiters)
 
     def try_enter(self) -> bool:
-        """A slot now, if one is free and nobody waits before this request."""
-        if not self.limit or (self.in_flight < self.limit and not self._waiters):
+        """A slot now, if one is free and nobody waits before this request (called only with a limit)."""
+        if self.in_flight < self.limit and not self._waiters:
             self.in_flight += 1
             return True
         return False

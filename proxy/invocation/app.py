@@ -198,13 +198,13 @@ class ProxyApp:
         if variant.models is not None and record.counted and record.model is None:
             record.model = named_model(scope["headers"], body)
         record.recorder = recorder = variant.recorder if variant.models is None else variant.models.get(record.model)
-        if invocation:  # only invocations take a slot at the model: a health check never waits behind them
+        if invocation and self._admission.limit:  # only invocations take a slot: a health check never waits behind them
             waited = 0 if self._admission.try_enter() else await queue(self._admission, scope, variant.recorder, self._clock)
             if isinstance(waited, Fault):
                 await self._refuse(front, waited, variant=variant)
                 return None
             record.admitted = True
-            if record.counted and self._admission.limit:
+            if record.counted:
                 recorder.queued(waited)
         return _Forward(method.encode(), target, headers, body)
 
