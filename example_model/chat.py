@@ -72,7 +72,11 @@ def _event(payload: dict[str, Any]) -> bytes:
     return b"data: " + json.dumps(payload, separators=(",", ":")).encode() + b"\n\n"
 
 
-async def stream(send: Any, chat: bool, prompt_tokens: int, max_tokens: int, include_usage: bool, interval_s: float) -> None:
+async def stream(
+    send: Any, chat: bool, prompt_tokens: int, max_tokens: int, include_usage: bool, interval_s: float, first_token_s: float = 0.0
+) -> None:
+    """The stream: ``first_token_s`` between the role chunk (sent at once) and the first token, as a model's
+    prefill; ``interval_s`` between tokens."""
     kind = "chat.completion.chunk" if chat else "text_completion"
 
     def chunk(choice: dict[str, Any]) -> bytes:
@@ -82,6 +86,8 @@ async def stream(send: Any, chat: bool, prompt_tokens: int, max_tokens: int, inc
     await send({"type": "http.response.start", "status": 200, "headers": headers})
     if chat:
         await send({"type": "http.response.body", "body": chunk({"delta": {"role": "assistant", "content": ""}}), "more_body": True})
+    if first_token_s:
+        await asyncio.sleep(first_token_s)
     for i, word in enumerate(_words(max_tokens)):
         if i and interval_s:
             await asyncio.sleep(interval_s)

@@ -323,15 +323,16 @@ class ModelServer:
             prompt_tokens, max_tokens, streamed, include_usage = chat.parse(body, is_chat)
         except chat.ChatError as e:
             raise HTTPError(400, str(e)) from None
-        delay_ms = interval_ms = None
+        delay_ms = interval_ms = first_token_ms = None
         if self.test_knobs:
             headers: dict[bytes, bytes] = dict(scope["headers"])
             delay_ms = _float_knob(headers, b"x-test-delay-ms", "X-Test-Delay-Ms", MAX_DELAY_MS)
             interval_ms = _float_knob(headers, b"x-test-stream-interval-ms", "X-Test-Stream-Interval-Ms", MAX_DELAY_MS)
+            first_token_ms = _float_knob(headers, b"x-test-first-token-ms", "X-Test-First-Token-Ms", MAX_DELAY_MS)
         if delay_ms:
             await asyncio.sleep(delay_ms / 1000)
         if streamed:
-            await chat.stream(send, is_chat, prompt_tokens, max_tokens, include_usage, (interval_ms or 0.0) / 1000)
+            await chat.stream(send, is_chat, prompt_tokens, max_tokens, include_usage, (interval_ms or 0.0) / 1000, (first_token_ms or 0.0) / 1000)
         else:
             await send_bytes(send, 200, _JSON_HEADERS, chat.document(is_chat, prompt_tokens, max_tokens))
 

@@ -57,6 +57,13 @@ TIME_PER_OUTPUT_TOKEN_BUCKETS: tuple[float, ...] = (
     0.001, 0.0025, 0.005, 0.01, 0.02, 0.03, 0.04, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5,
 )
 SIZE_BUCKETS: tuple[float, ...] = tuple(float(4**i * 64) for i in range(11))  # 64 B to 64 MiB
+# Time to first token, as vLLM buckets it; tokens per request, 1, 4, 16 ... 4^n, as OTel's GenAI conventions advise.
+TIME_TO_FIRST_TOKEN_BUCKETS: tuple[float, ...] = (
+    0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0, 160.0, 640.0,
+)
+TOKENS_PER_REQUEST_BUCKETS: tuple[float, ...] = tuple(float(4**i) for i in range(14))  # 1 to 67,108,864
+# OpenAI's finish reasons; any other is "other", so the label stays bounded.
+FINISH_REASONS = ("stop", "length", "tool_calls", "content_filter", "function_call", "other")
 
 # Labels every invocation metric carries; CloudWatch dimensions EndpointName and VariantName.
 VARIANT_LABELS = ("endpoint_name", "variant_name")
@@ -249,7 +256,25 @@ INVOCATION_METRICS = (
     CONCURRENT_REQUESTS_PER_MODEL,
 )
 STREAM_METRICS = (FIRST_CHUNK_LATENCY, FIRST_CHUNK_MODEL_LATENCY, FIRST_CHUNK_OVERHEAD_LATENCY, INTER_CHUNK_LATENCY, MID_STREAM_ERRORS)
-TOKEN_METRICS = (INPUT_TOKENS, OUTPUT_TOKENS, TIME_PER_OUTPUT_TOKEN)
+TIME_TO_FIRST_TOKEN = MetricDefinition(
+    "sagemaker_time_to_first_token_seconds", Kind.HISTOGRAM,
+    "Per OpenAI-compatible stream: from the request's arrival to the first chunk with generated content (not the role chunk), as the client sees it.",
+    buckets=TIME_TO_FIRST_TOKEN_BUCKETS,
+)
+REQUEST_INPUT_TOKENS = MetricDefinition(
+    "sagemaker_request_input_tokens", Kind.HISTOGRAM,
+    "Prompt tokens per request that reported them (the usage object).", buckets=TOKENS_PER_REQUEST_BUCKETS,
+)
+REQUEST_OUTPUT_TOKENS = MetricDefinition(
+    "sagemaker_request_output_tokens", Kind.HISTOGRAM,
+    "Generated tokens per request whose tokens were counted.", buckets=TOKENS_PER_REQUEST_BUCKETS,
+)
+REQUESTS_FINISHED = MetricDefinition(
+    "sagemaker_requests_finished_total", Kind.COUNTER,
+    "OpenAI-compatible answers by the finish reason of their first choice: " + ", ".join(FINISH_REASONS) + ".",
+    labels=("finish_reason",),
+)
+TOKEN_METRICS = (INPUT_TOKENS, OUTPUT_TOKENS, TIME_PER_OUTPUT_TOKEN, TIME_TO_FIRST_TOKEN, REQUEST_INPUT_TOKENS, REQUEST_OUTPUT_TOKENS, REQUESTS_FINISHED)
 ALL_METRICS = (
     *INVOCATION_METRICS,
     *STREAM_METRICS,

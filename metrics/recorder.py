@@ -78,6 +78,10 @@ class Outcome(Protocol):
     @property
     def time_per_output_token_us(self) -> float | None: ...
     @property
+    def time_to_first_token_us(self) -> int | None: ...
+    @property
+    def finish_reason(self) -> str | None: ...
+    @property
     def trace_id(self) -> str | None:
         """With tracing on: the invocation's trace, the exemplar of its latency buckets."""
 
@@ -181,6 +185,9 @@ class InvocationRecorder:
         self._input_tokens = c[d.INPUT_TOKENS]
         self._output_tokens = c[d.OUTPUT_TOKENS]
         self._time_per_output_token = c[d.TIME_PER_OUTPUT_TOKEN]
+        self._time_to_first_token = c[d.TIME_TO_FIRST_TOKEN]
+        self._request_input_tokens = c[d.REQUEST_INPUT_TOKENS]
+        self._request_output_tokens = c[d.REQUEST_OUTPUT_TOKENS]
         self._request_size = c[d.REQUEST_SIZE]
         self._response_size = c[d.RESPONSE_SIZE]
         self._client_disconnects = c[d.CLIENT_DISCONNECTS]
@@ -191,6 +198,8 @@ class InvocationRecorder:
         rejected, upstream = metrics.families[d.REJECTED_REQUESTS], metrics.families[d.UPSTREAM_ERRORS]
         self._rejected = {r: rejected.labels(*metrics.values(d.REJECTED_REQUESTS, e, v, component, model), r) for r in reject_reasons}
         self._upstream_errors = {r: upstream.labels(*metrics.values(d.UPSTREAM_ERRORS, e, v, component, model), r) for r in upstream_error_reasons}
+        finished = metrics.families[d.REQUESTS_FINISHED]
+        self._finished = {r: finished.labels(*metrics.values(d.REQUESTS_FINISHED, e, v, component, model), r) for r in d.FINISH_REASONS}
 
     def invocation_started(self) -> None:
         self._concurrent.inc()
@@ -287,6 +296,16 @@ class InvocationRecorder:
         per_token = outcome.time_per_output_token_us
         if per_token is not None:
             self._time_per_output_token.observe(per_token * US)
+        first_token = outcome.time_to_first_token_us
+        if first_token is not None:
+            self._time_to_first_token.observe(first_token * US)
+        if outcome.output_tokens or outcome.input_tokens:
+            self._request_output_tokens.observe(outcome.output_tokens)
+            if outcome.input_tokens:
+                self._request_input_tokens.observe(outcome.input_tokens)
+        reason = outcome.finish_reason
+        if reason is not None:
+            self._finished.get(reason, self._finished["other"]).inc()
 
     def invocation_ended(self, outcome: Outcome) -> None:
         """Exactly once per invocation that ``invocation_started``."""

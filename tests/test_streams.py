@@ -155,3 +155,25 @@ def test_promtool_accepts_the_whole_exposition_after_every_kind_of_traffic(
         assert "sagemaker_first_chunk_latency_seconds_bucket" in text
         lint = subprocess.run([promtool, "check", "metrics"], input=text, capture_output=True, text=True, timeout=30)
         assert lint.returncode == 0 and not lint.stdout.strip() and not lint.stderr.strip(), (lint.stdout, lint.stderr)
+
+
+def test_time_to_first_token_is_the_first_content_not_the_role_chunk(model: Running, start_proxy: Callable[..., Proxy]) -> None:
+    """The role chunk at once, the first token 200 ms later: time to first token 200 ms, FirstChunkLatency ~0 (it is
+    the first body byte); tokens per request and the finish reason counted."""
+    proxy = start_proxy(model.url, *CHAT)
+    body = {"messages": [{"role": "user", "content": "a b c"}], "max_tokens": 5, "stream": True, "stream_options": {"include_usage": True}}
+    first_byte, _, raw = stream(f"{proxy.url}/v1/chat/completions", body, {"X-Test-First-Token-Ms": "200", "X-Test-Stream-Interval-Ms": "10"})
+    assert raw.count(b'"role":"assistant"') == 1 and first_byte < 0.15
+    assert proxy.value("sagemaker_time_to_first_token_seconds_count") == 1
+    assert proxy.value("sagemaker_time_to_first_token_seconds_sum") == pytest.approx(0.200, abs=0.025)
+    assert proxy.value("sagemaker_first_chunk_latency_seconds_sum") < 0.1
+    assert proxy.value("sagemaker_request_output_tokens_count") == 1 and proxy.value("sagemaker_request_output_tokens_sum") == 5
+    assert proxy.value("sagemaker_request_input_tokens_sum") == 3
+    assert proxy.value("sagemaker_requests_finished_total", finish_reason="length") == 1
+    assert proxy.value("sagemaker_requests_finished_total", finish_reason="stop") == 0
+    # A non-streamed answer: its tokens and finish reason, no time to first token.
+    r = httpx.post(f"{proxy.url}/v1/chat/completions", json={"messages": [{"role": "user", "content": "x"}], "max_tokens": 2})
+    assert r.status_code == 200
+    assert proxy.value("sagemaker_requests_finished_total", finish_reason="length") == 2
+    assert proxy.value("sagemaker_request_output_tokens_count") == 2
+    assert proxy.value("sagemaker_time_to_first_token_seconds_count") == 1

@@ -11,7 +11,15 @@ from __future__ import annotations
 from metrics.recorder import InvocationRecorder
 from proxy.http.client import ModelResponse
 from proxy.invocation.record import Invocation
-from proxy.invocation.tokens import EVENT_STREAM, MAX_JSON_BODY, TOKEN_BATCH_BYTES, TOKEN_BATCH_CHUNKS, StreamTokens, json_usage
+from proxy.invocation.tokens import (
+    EVENT_STREAM,
+    MAX_JSON_BODY,
+    TOKEN_BATCH_BYTES,
+    TOKEN_BATCH_CHUNKS,
+    StreamTokens,
+    finish_reason,
+    json_usage,
+)
 
 
 class Observer:
@@ -81,8 +89,7 @@ class WholeTokens(Observer):
         tokens = StreamTokens()
         tokens.feed(body, arrived)
         tokens.finish(arrived)
-        record.input_tokens, record.output_tokens = tokens.input_tokens, tokens.output_tokens
-        record.time_per_output_token_ns = tokens.time_per_output_token_ns()
+        _tokens_to(record, tokens)
 
 
 class StreamedTokens(Observer):
@@ -116,9 +123,7 @@ class StreamedTokens(Observer):
         elif self._pending:
             tokens.feed_chunks(self._pending, self._arrivals)
         tokens.finish(last)
-        record.input_tokens = tokens.input_tokens
-        record.output_tokens = tokens.output_tokens
-        record.time_per_output_token_ns = tokens.time_per_output_token_ns()
+        _tokens_to(record, tokens)
 
 
 class JsonUsage(Observer):
@@ -136,9 +141,21 @@ class JsonUsage(Observer):
         self._parts.append(chunk)
 
     def ended(self, record: Invocation, last: int) -> None:
-        usage = json_usage(self._content_type, self._parts[0] if len(self._parts) == 1 else b"".join(self._parts))
+        body = self._parts[0] if len(self._parts) == 1 else b"".join(self._parts)
+        usage = json_usage(self._content_type, body)
         if usage is not None:
             record.input_tokens, record.output_tokens = usage
+            record.finish_reason = finish_reason(body)
+
+
+def _tokens_to(record: Invocation, tokens: StreamTokens) -> None:
+    """What a stream's tokens say, on its record: counts, time per token, time to the first token, finish reason."""
+    record.input_tokens = tokens.input_tokens
+    record.output_tokens = tokens.output_tokens
+    record.time_per_output_token_ns = tokens.time_per_output_token_ns()
+    if tokens.t_first:
+        record.t_first_token = tokens.t_first
+    record.finish_reason = tokens.finish_reason()
 
 
 FIRST_CHUNK = FirstChunk()  # it keeps nothing of its own: one for all responses

@@ -46,6 +46,8 @@ class Invocation:
     input_tokens: int = 0  # OpenAI-compatible responses (proxy.invocation.tokens)
     output_tokens: int = 0
     time_per_output_token_ns: float | None = None
+    t_first_token: int = 0  # an OpenAI-compatible stream: the first chunk with generated content arrived
+    finish_reason: str | None = None  # of the answer's first choice, as the model said it
     endpoint: str = ""  # the endpoint's name
     model: str | None = None  # the model the request names (a route's {model}), if any
     recorder: InvocationRecorder | None = None  # where it is recorded: its variant's, or with --model-label its model's
@@ -88,6 +90,10 @@ class Invocation:
     def time_per_output_token_us(self) -> float | None:
         per_token = self.time_per_output_token_ns
         return None if per_token is None else per_token / 1000
+
+    @property
+    def time_to_first_token_us(self) -> int | None:
+        return (self.t_first_token - self.t_in) // 1000 if self.t_first_token else None
 
     @property
     def client_status(self) -> int:

@@ -30,6 +30,8 @@ TOKEN_BATCH_BYTES = 16 << 10
 # A choice that carries output: non-empty text in a chat delta (content, reasoning) or a completion, or a tool call.
 # Matched in the raw bytes, in C: a JSON string's own quotes are escaped, so text inside content cannot match.
 CONTENT = re.compile(rb'"(?:content|text|reasoning_content)"[ \t]*:[ \t]*"[^"]|"tool_calls"[ \t]*:[ \t]*\[[ \t]*\{')
+FINISH = re.compile(rb'"finish_reason"[ \t]*:[ \t]*"([A-Za-z_]{1,32})"')  # null (not yet finished) does not match
+TAIL = 2048  # the end of a stream kept for its finish reason, which comes in one of the last events
 USAGE = re.compile(rb'"usage"[ \t]*:[ \t]*\{')  # a usage object, not the null OpenAI sends in every other chunk
 COMPACT = b'"content":"'  # how vLLM, TGI and OpenAI write a chat delta's text: counted without a regular expression
 COMPACT_EMPTY = b'"content":""'
@@ -42,7 +44,7 @@ class StreamTokens:
     that carries a usage object (one per stream) is decoded as JSON. What follows the last complete event
     is kept, bounded, until its end arrives."""
 
-    __slots__ = ("_partial", "_partial_size", "content_events", "gave_up", "input_tokens", "t_first", "t_last", "usage_output")
+    __slots__ = ("_partial", "_partial_size", "_tail", "content_events", "gave_up", "input_tokens", "t_first", "t_last", "usage_output")
 
     def __init__(self) -> None:
         self._partial: list[bytes] = []  # the unfinished event, in the pieces it came in
@@ -53,6 +55,7 @@ class StreamTokens:
         self.t_first = 0  # arrival of the first and the last chunk that carried content
         self.t_last = 0
         self.gave_up = False
+        self._tail = b""  # the end of what was scanned, for the finish reason
 
     @property
     def output_tokens(self) -> int:
@@ -113,12 +116,17 @@ class StreamTokens:
             self._scan(events, 0, [events], [now], len(events))
         self._partial, self._partial_size = [], 0
 
+    def finish_reason(self) -> str | None:
+        """The last finish reason the stream's end names (once the stream finished)."""
+        return finish_reason(self._tail)
+
     def _give_up(self) -> None:
         self.gave_up = True
         self._partial, self._partial_size = [], 0
 
     def _scan(self, events: bytes, shift: int, chunks: Sequence[bytes], arrivals: Sequence[int], size: int) -> None:
         """Count the complete events ``events``; ``chunks`` (``size`` bytes in all) begin at ``shift`` in them."""
+        self._tail = events[-TAIL:] if len(events) > TAIL else events
         # The common form first, substring counts (vLLM, TGI, OpenAI send compact JSON); else every form.
         found = events.count(COMPACT)
         if found:
@@ -183,6 +191,17 @@ def _usage(usage: dict[str, Any]) -> tuple[int | None, int | None]:
 def _count(value: Any) -> int | None:
     """A token count the model reported, if it is one: a whole number from 0 to MAX_TOKENS."""
     return value if type(value) is int and 0 <= value <= MAX_TOKENS else None
+
+
+def finish_reason(text: bytes) -> str | None:
+    """The last finish reason in ``text`` (an answer, or a stream's end), or None."""
+    position = text.rfind(b'"finish_reason"')
+    while position >= 0:
+        found = FINISH.match(text, position)
+        if found is not None:
+            return found.group(1).decode()
+        position = text.rfind(b'"finish_reason"', 0, position)
+    return None
 
 
 def json_usage(content_type: bytes, body: bytes) -> tuple[int, int] | None:
