@@ -383,12 +383,11 @@ def _region(raw: str) -> str:
 
 def _nonnegative_float(raw: str) -> float:
     try:
-        value = float(raw)
+        if float(raw) == 0:
+            return 0.0
     except ValueError:
-        raise ValueError(f"must be a number of seconds, got {raw!r}") from None
-    if not math.isfinite(value) or value < 0:
-        raise ValueError(f"must be a number of seconds, 0 or more, got {raw!r}")
-    return value
+        pass  # said by _positive_float
+    return _positive_float(raw)
 
 
 def _command(raw: str) -> str:

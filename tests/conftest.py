@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -90,6 +91,17 @@ class Proxy(Running):
         """One sample of this proxy's variant; 0 when absent would hide bugs, so absent raises."""
         want = {"endpoint_name": "test-endpoint", "variant_name": "AllTraffic", **labels}
         return self.samples()[(name, frozenset(want.items()))]
+
+
+@pytest.fixture
+def prometheus_binary() -> str:
+    """Debian's prometheus server: skipped with the reason where it is missing, a failure under CI=true."""
+    path = shutil.which("prometheus")
+    if path is None:
+        if os.environ.get("CI") == "true":
+            pytest.fail("prometheus is missing; .ci/run installs Debian's prometheus package")
+        pytest.skip("prometheus is not installed (Debian: apt-get install prometheus)")
+    return path
 
 
 AWS_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}

@@ -315,16 +315,6 @@ LOAD_S = 12.0
 TOLERANCE = 0.15
 
 
-@pytest.fixture
-def prometheus_binary() -> str:
-    path = shutil.which("prometheus")
-    if path is None:
-        if os.environ.get("CI") == "true":
-            pytest.fail("prometheus is missing; .ci/run installs Debian's prometheus package")
-        pytest.skip("prometheus is not installed (Debian: apt-get install prometheus)")
-    return path
-
-
 @contextmanager
 def prometheus_scraping_pods(binary: str, pods: dict[str, Proxy], tmp_path: Path) -> Iterator[str]:
     """Prometheus scraping each proxy every second, with the `namespace` and `pod` labels that the Operator's

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import shutil
 import subprocess
 import time
 from collections.abc import Callable, Iterator
@@ -18,16 +16,6 @@ from tests.conftest import Proxy, Running, free_port, wait_for_port
 pytestmark = pytest.mark.e2e
 
 DELAY_MS = 30
-
-
-@pytest.fixture
-def prometheus_binary() -> str:
-    path = shutil.which("prometheus")
-    if path is None:
-        if os.environ.get("CI") == "true":
-            pytest.fail("prometheus is missing; .ci/run installs Debian's prometheus package")
-        pytest.skip("prometheus is not installed (Debian: apt-get install prometheus)")
-    return path
 
 
 @contextmanager
