@@ -34,6 +34,8 @@ class Ended:
     input_tokens: int = 0
     output_tokens: int = 0
     time_per_output_token_us: float | None = None
+    time_to_first_token_us: int | None = None
+    finish_reason: str | None = None
     trace_id: str | None = None
 
 
@@ -46,7 +48,10 @@ def record_a_mix(shared: SharedFiles | None = None) -> CollectorRegistry:
     )
     for status, model_us in ((200, 50), (200, 100), (404, 999), (503, 20_000)):
         blue.invocation_started()
-        blue.invocation_ended(Ended(status, model_us, instances=2, first_chunk_us=70, first_chunk_model_us=40, output_tokens=3))
+        blue.invocation_ended(Ended(
+            status, model_us, instances=2, first_chunk_us=70, first_chunk_model_us=40, output_tokens=3,
+            time_to_first_token_us=60, finish_reason="stop" if status == 200 else "refused",
+        ))
     green.invocation_started()
     green.invocation_ended(Ended(502, 60_000_000, 5, instances=3, upstream_error="timeout", mid_stream_error=True))
     green.invocation_started()
