@@ -129,8 +129,8 @@ def test_model_latency_matches_a_known_model_time(model: Running, start_proxy: C
     model_mean_us = (proxy.value("sagemaker_model_latency_seconds_sum") - model_before) * 1e6 / n
     overhead_mean_us = (proxy.value("sagemaker_overhead_latency_seconds_sum") - overhead_before) * 1e6 / n
     assert count == n
-    # The model sleeps 50 ms and parses a tiny body.
-    assert abs(model_mean_us - delay_ms * 1000) < 2000, model_mean_us
+    # The model sleeps 50 ms (libuv's millisecond timer may wake up to 1 ms early), then parses and predicts.
+    assert delay_ms * 1000 - 1000 <= model_mean_us < delay_ms * 1000 + 4000, model_mean_us
     assert 0 < overhead_mean_us < 2000, overhead_mean_us
 
 
