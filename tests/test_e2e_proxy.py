@@ -386,14 +386,15 @@ def test_two_proxies_pointing_at_each_other_stop_at_the_first_loop(model: Runnin
 
 
 def test_over_the_concurrency_limit_requests_wait_in_line_and_the_overflow_is_refused(model: Running, start_proxy: Callable[..., Proxy]) -> None:
-    """Concurrency 2, a queue of 8: 10 slow calls at once are all served, 2 at a time, 8 waiting at the peak;
+    """Concurrency 2, a queue of 8: 10 calls of 1 s at once are all served, 2 at a time, 8 waiting at the peak;
     the 11th finds the line full. Queue time is shown alone and is part of OverheadLatency."""
     import concurrent.futures
 
     proxy = start_proxy(model.url, "--max-concurrency", "2", "--queue-depth", "8")
     peak_waiting = peak_concurrent = 0.0
     with concurrent.futures.ThreadPoolExecutor(10) as pool:
-        calls = [pool.submit(lambda: invoke(proxy, {"X-Test-Delay-Ms": "300"}).status_code) for _ in range(10)]
+        # Each call takes 1 s, so the line stays full long after the peak is seen: the 11th finds it full.
+        calls = [pool.submit(lambda: invoke(proxy, {"X-Test-Delay-Ms": "1000"}).status_code) for _ in range(10)]
         deadline = time.monotonic() + 5
         while peak_waiting < 8 and time.monotonic() < deadline:
             samples = proxy.samples()
@@ -409,7 +410,7 @@ def test_over_the_concurrency_limit_requests_wait_in_line_and_the_overflow_is_re
     assert proxy.value("sagemaker_invocations_total") == 10
     assert proxy.value("sagemaker_queue_time_seconds_count") == 10
     waited = proxy.value("sagemaker_queue_time_seconds_sum")
-    assert 4 * 0.3 * 0.9 < waited < 40 * 0.3  # 2 at once: 0, 0, 0.3, 0.3, ... 1.2, 1.2 s, about 6 s in all
+    assert 4 * 1.0 * 0.9 < waited < 40 * 1.0  # 2 at once: 0, 0, 1, 1, ... 4, 4 s, about 20 s in all
     assert proxy.value("sagemaker_overhead_latency_seconds_sum") >= waited * 0.95
     assert proxy.value("sagemaker_requests_waiting") == 0 and proxy.value("sagemaker_concurrent_requests_per_model") == 0
 
