@@ -426,7 +426,7 @@ def test_a_request_that_waits_past_the_queue_timeout_is_refused(model: Running, 
             time.sleep(0.01)
         started = time.monotonic()
         late = invoke(proxy)
-        assert 0.25 < time.monotonic() - started < 0.9
+        assert 0.25 < time.monotonic() - started < 2.0  # refused at its timeout, not served after the busy call (below)
         assert busy.result() == 200
     assert late.status_code == 503 and late.json() == {"error": "waited too long for the model"}
     assert proxy.value("sagemaker_proxy_rejected_requests_total", reason="queue_timeout") == 1
@@ -469,7 +469,7 @@ def test_a_health_check_never_waits_behind_the_invocations(model: Running, start
             time.sleep(0.01)
         started = time.monotonic()
         assert httpx.get(f"{proxy.url}/ping").status_code == 200
-        assert time.monotonic() - started < 0.5
+        assert time.monotonic() - started < 0.7  # behind the busy call it would take 0.8 s
         assert invoke(proxy).status_code == 503  # an invocation does wait (here: no queue, refused)
         assert busy.result() == 200
     assert proxy.value("sagemaker_proxy_rejected_requests_total", reason="over_capacity") == 1

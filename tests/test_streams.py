@@ -165,7 +165,7 @@ def test_time_to_first_token_is_the_first_content_not_the_role_chunk(model: Runn
     first_byte, _, raw = stream(f"{proxy.url}/v1/chat/completions", body, {"X-Test-First-Token-Ms": "200", "X-Test-Stream-Interval-Ms": "10"})
     assert raw.count(b'"role":"assistant"') == 1 and first_byte < 0.15
     assert proxy.value("sagemaker_time_to_first_token_seconds_count") == 1
-    assert proxy.value("sagemaker_time_to_first_token_seconds_sum") == pytest.approx(0.200, abs=0.025)
+    assert 0.198 <= proxy.value("sagemaker_time_to_first_token_seconds_sum") < 0.260  # the model's 200 ms, plus a busy machine's delays
     assert proxy.value("sagemaker_first_chunk_latency_seconds_sum") < 0.1
     assert proxy.value("sagemaker_request_output_tokens_count") == 1 and proxy.value("sagemaker_request_output_tokens_sum") == 5
     assert proxy.value("sagemaker_request_input_tokens_sum") == 3
