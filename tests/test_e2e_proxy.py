@@ -23,6 +23,14 @@ def invoke(proxy: Proxy, headers: dict[str, str] | None = None, timeout: float =
     return httpx.post(f"{proxy.url}/invocations", json=IRIS, headers=headers or {}, timeout=timeout, **kwargs)  # type: ignore[arg-type]
 
 
+def wait_in_flight(proxy: Proxy, n: int, timeout: float = 5.0) -> None:
+    """Until n invocations are at the model (ConcurrentRequestsPerModel), or fail after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while proxy.value("sagemaker_concurrent_requests_per_model") < n:
+        assert time.monotonic() < deadline, f"{n} invocations never in flight"
+        time.sleep(0.01)
+
+
 def test_known_mix_is_counted_exactly(model: Running, start_proxy: Callable[..., Proxy]) -> None:
     proxy = start_proxy(model.url, "--instance-count", "4", "--invocation-timeout", "0.3")
     ok = [invoke(proxy) for _ in range(7)]
@@ -320,9 +328,7 @@ def test_without_a_queue_requests_over_the_concurrency_limit_get_503_at_once(mod
 
     with concurrent.futures.ThreadPoolExecutor(2) as pool:
         busy = [pool.submit(slow) for _ in range(2)]
-        deadline = time.monotonic() + 5
-        while proxy.value("sagemaker_concurrent_requests_per_model") < 2 and time.monotonic() < deadline:
-            time.sleep(0.01)
+        wait_in_flight(proxy, 2)
         started = time.monotonic()
         refused = invoke(proxy)
         assert time.monotonic() - started < 0.4  # refused at once, not queued behind the slow calls
@@ -421,9 +427,7 @@ def test_a_request_that_waits_past_the_queue_timeout_is_refused(model: Running, 
     proxy = start_proxy(model.url, "--max-concurrency", "1", "--queue-timeout", "0.3")
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
         busy = pool.submit(lambda: invoke(proxy, {"X-Test-Delay-Ms": "1000"}).status_code)
-        deadline = time.monotonic() + 5
-        while proxy.value("sagemaker_concurrent_requests_per_model") < 1 and time.monotonic() < deadline:
-            time.sleep(0.01)
+        wait_in_flight(proxy, 1)
         started = time.monotonic()
         late = invoke(proxy)
         assert 0.25 < time.monotonic() - started < 2.0  # refused at its timeout, not served after the busy call (below)
@@ -440,11 +444,10 @@ def test_a_client_that_leaves_the_queue_frees_its_place(model: Running, start_pr
     proxy = start_proxy(model.url, "--max-concurrency", "1")
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
         busy = pool.submit(lambda: invoke(proxy, {"X-Test-Delay-Ms": "800"}).status_code)
-        deadline = time.monotonic() + 5
-        while proxy.value("sagemaker_concurrent_requests_per_model") < 1 and time.monotonic() < deadline:
-            time.sleep(0.01)
+        wait_in_flight(proxy, 1)
         leaving = socket.create_connection(("127.0.0.1", proxy.port))
         leaving.sendall(b"POST /invocations HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n{}")
+        deadline = time.monotonic() + 5
         while proxy.value("sagemaker_requests_waiting") < 1 and time.monotonic() < deadline:
             time.sleep(0.01)
         leaving.close()
@@ -464,9 +467,7 @@ def test_a_health_check_never_waits_behind_the_invocations(model: Running, start
     proxy = start_proxy(model.url, "--max-concurrency", "1", "--queue-depth", "0")
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
         busy = pool.submit(lambda: invoke(proxy, {"X-Test-Delay-Ms": "800"}).status_code)
-        deadline = time.monotonic() + 5
-        while proxy.value("sagemaker_concurrent_requests_per_model") < 1 and time.monotonic() < deadline:
-            time.sleep(0.01)
+        wait_in_flight(proxy, 1)
         started = time.monotonic()
         assert httpx.get(f"{proxy.url}/ping").status_code == 200
         assert time.monotonic() - started < 0.7  # behind the busy call it would take 0.8 s
