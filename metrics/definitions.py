@@ -132,16 +132,16 @@ MID_STREAM_ERRORS = MetricDefinition(
 # OpenAI-compatible responses (server-sent events, or JSON with usage): tokens, as vLLM and TGI count them.
 INPUT_TOKENS = MetricDefinition(
     "sagemaker_input_tokens_total", Kind.COUNTER,
-    "Prompt tokens, from the usage object of OpenAI-compatible responses.",
+    "Prompt tokens, from the usage object of OpenAI-compatible responses.", "InputTokens",
 )
 OUTPUT_TOKENS = MetricDefinition(
     "sagemaker_output_tokens_total", Kind.COUNTER,
-    "Generated tokens: the usage object's completion_tokens, else the content events of the stream.",
+    "Generated tokens: the usage object's completion_tokens, else the content events of the stream.", "OutputTokens",
 )
 TIME_PER_OUTPUT_TOKEN = MetricDefinition(
     "sagemaker_time_per_output_token_seconds", Kind.HISTOGRAM,
     "Per OpenAI-compatible stream: from the first token to the last, over the output tokens minus one.",
-    buckets=TIME_PER_OUTPUT_TOKEN_BUCKETS,
+    "TimePerOutputToken", "Microseconds", buckets=TIME_PER_OUTPUT_TOKEN_BUCKETS,
 )
 REQUEST_SIZE = MetricDefinition(
     "sagemaker_request_size_bytes", Kind.HISTOGRAM, "Request body bytes per invocation.", buckets=SIZE_BUCKETS,
@@ -259,7 +259,7 @@ STREAM_METRICS = (FIRST_CHUNK_LATENCY, FIRST_CHUNK_MODEL_LATENCY, FIRST_CHUNK_OV
 TIME_TO_FIRST_TOKEN = MetricDefinition(
     "sagemaker_time_to_first_token_seconds", Kind.HISTOGRAM,
     "Per OpenAI-compatible stream: from the request's arrival to the first chunk with generated content (not the role chunk), as the client sees it.",
-    buckets=TIME_TO_FIRST_TOKEN_BUCKETS,
+    "TimeToFirstToken", "Microseconds", buckets=TIME_TO_FIRST_TOKEN_BUCKETS,
 )
 REQUEST_INPUT_TOKENS = MetricDefinition(
     "sagemaker_request_input_tokens", Kind.HISTOGRAM,
@@ -274,6 +274,8 @@ REQUESTS_FINISHED = MetricDefinition(
     "OpenAI-compatible answers by the finish reason of their first choice: " + ", ".join(FINISH_REASONS) + ".",
     labels=("finish_reason",),
 )
+# Published to CloudWatch only with --cloudwatch-token-metrics (each is a custom metric more per variant).
+CLOUDWATCH_TOKEN_METRICS = (INPUT_TOKENS, OUTPUT_TOKENS, TIME_TO_FIRST_TOKEN, TIME_PER_OUTPUT_TOKEN)
 TOKEN_METRICS = (INPUT_TOKENS, OUTPUT_TOKENS, TIME_PER_OUTPUT_TOKEN, TIME_TO_FIRST_TOKEN, REQUEST_INPUT_TOKENS, REQUEST_OUTPUT_TOKENS, REQUESTS_FINISHED)
 ALL_METRICS = (
     *INVOCATION_METRICS,

@@ -27,6 +27,10 @@ MID_STREAM_ERRORS = d.MID_STREAM_ERRORS.cloudwatch_name or ""
 CONCURRENT = d.CONCURRENT_REQUESTS_PER_MODEL.cloudwatch_name or ""
 PER_COPY = d.INVOCATIONS_PER_INSTANCE.component_cloudwatch_name or ""
 CONCURRENT_PER_COPY = d.CONCURRENT_REQUESTS_PER_MODEL.component_cloudwatch_name or ""
+INPUT_TOKENS = d.INPUT_TOKENS.cloudwatch_name or ""
+OUTPUT_TOKENS = d.OUTPUT_TOKENS.cloudwatch_name or ""
+TIME_TO_FIRST_TOKEN = d.TIME_TO_FIRST_TOKEN.cloudwatch_name or ""
+TIME_PER_OUTPUT_TOKEN = d.TIME_PER_OUTPUT_TOKEN.cloudwatch_name or ""
 
 US = 1e-6  # microseconds to Prometheus's seconds
 
@@ -156,8 +160,11 @@ class InvocationRecorder:
         model: str = "",
         concurrency_statistics: PeriodStatistics | None = None,
         component: str = "",
+        token_statistics: bool = False,
     ) -> None:
         self._statistics = statistics
+        # The token metrics in the CloudWatch statistic sets too (--cloudwatch-token-metrics).
+        self._token_statistics = statistics if token_statistics else None
         # ConcurrentRequestsPerModel's samples: on a period of their own when one is given.
         self._concurrency_statistics = concurrency_statistics or statistics
         # ConcurrentRequestsPerModel for CloudWatch: this process's count, or with workers all of theirs.
@@ -306,6 +313,9 @@ class InvocationRecorder:
         reason = outcome.finish_reason
         if reason is not None:
             self._finished.get(reason, self._finished["other"]).inc()
+        stats = self._token_statistics
+        if stats is not None and (outcome.output_tokens or outcome.input_tokens):
+            _token_statistics(stats, outcome, first_token, per_token)
 
     def invocation_ended(self, outcome: Outcome) -> None:
         """Exactly once per invocation that ``invocation_started``."""
@@ -339,6 +349,18 @@ class InvocationRecorder:
     def live_instances(self, n: int) -> None:
         self._live_instances.set(n)
         self._copies = max(1, n)
+
+
+def _token_statistics(stats: PeriodStatistics, outcome: Outcome, first_token_us: int | None, per_token_us: float | None) -> None:
+    """A token-counted invocation in CloudWatch's statistic sets: its tokens, time to first token, time per token."""
+    sets = stats.current()
+    if outcome.input_tokens:
+        stats.add(sets, INPUT_TOKENS, outcome.input_tokens)
+    stats.add(sets, OUTPUT_TOKENS, outcome.output_tokens)
+    if first_token_us is not None:
+        stats.add(sets, TIME_TO_FIRST_TOKEN, first_token_us)
+    if per_token_us is not None:
+        stats.add(sets, TIME_PER_OUTPUT_TOKEN, per_token_us)
 
 
 class ModelLifecycleMetrics:

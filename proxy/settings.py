@@ -144,6 +144,13 @@ def _route(raw: str) -> tuple[str, str]:
     return routes.parse(raw)
 
 
+def _genai_provider(raw: str) -> str:
+    raw = raw.strip()
+    if not re.fullmatch(r"[a-z][a-z0-9_.-]{0,63}", raw):
+        raise ValueError(f"must be a lower-case name such as `openai` or `aws.bedrock` (letters, digits, `_`, `.`, `-`), got {raw!r}")
+    return raw
+
+
 def _model_server(raw: str) -> str:
     name = raw.strip().lower()
     if name not in routes.MODEL_SERVERS:
@@ -508,6 +515,11 @@ class CloudWatchOptions:
     region: str | None = option("--cloudwatch-region", str, "AWS region, e.g. from `AWS_REGION`", None, absent="boto3's chain")
     endpoint_url: str | None = option("--cloudwatch-endpoint-url", _http_url, "CloudWatch endpoint, for compatible services and tests", None, absent="AWS")
     buffer_periods: int = option("--cloudwatch-buffer-periods", _int_between(1, 100_000), "ended periods kept while CloudWatch is unreachable; the oldest are dropped beyond", 120)
+    token_metrics: bool = option(
+        "--cloudwatch-token-metrics", _bool,
+        "`serve`: publish InputTokens, OutputTokens, TimeToFirstToken and TimePerOutputToken too, for OpenAI-compatible answers (4 custom metrics more per variant: see the README for the cost)",
+        False, absent="off", switch=True,
+    )
     flush_timeout: float = option("--cloudwatch-flush-timeout", _positive_float, "seconds allowed at shutdown to publish the last partial period", 10.0)
 
 
@@ -670,8 +682,16 @@ class Settings:
         "an OTLP/HTTP collector, such as http://127.0.0.1:4318, to send traces to (needs the otel extra); tracing is also on where OTEL_EXPORTER_OTLP_ENDPOINT or OTEL_EXPORTER_OTLP_TRACES_ENDPOINT is set, and off under OTEL_SDK_DISABLED=true",
         None, absent="off",
     )
+    otel_metrics: str | None = option(
+        "--otel-metrics", _http_url,
+        "an OTLP/HTTP collector, such as http://127.0.0.1:4318, to send the GenAI metrics to (OpenTelemetry's `gen_ai.*`, semantic conventions v1.41.0; needs the otel extra), every OTEL_METRIC_EXPORT_INTERVAL ms (60000); also on where OTEL_EXPORTER_OTLP_METRICS_ENDPOINT is set, off under OTEL_SDK_DISABLED=true",
+        None, absent="off",
+    )
+    genai_provider: str | None = option(
+        "--genai-provider", _genai_provider, "`gen_ai.provider.name` of the GenAI metrics and spans, such as `openai` or `aws.bedrock`", None, absent="the `--model-server` preset's name",
+    )
     otel_shutdown_timeout: float = option(
-        "--otel-shutdown-timeout", _positive_float, "seconds at exit for the last spans to reach the OTLP collector; what is left is dropped and counted", 5.0,
+        "--otel-shutdown-timeout", _positive_float, "seconds at exit for the last spans and GenAI metrics to reach the OTLP collector; spans left then are dropped and counted", 5.0,
     )
     instance_id: str | None = option("--instance-id", _instance_id, "this instance in the Host dimension, `[endpoint]/[variant]/[instance-id]`", None, absent="the hostname")
     log_level: str = _log_level_option()

@@ -402,3 +402,29 @@ def test_concurrency_alone_on_a_high_resolution_period(model: Running, moto: Run
     proxy.stop()  # the last partial periods are flushed at the stop
     assert wait_for_statistics(moto.url, namespace, "Invocations", 3)["Sum"] == 3
     assert statistics(moto.url, namespace, "ConcurrentRequestsPerModel")["SampleCount"] == 3  # in one stream only
+
+
+@pytest.mark.e2e
+def test_token_metrics_arrive_in_cloudwatch_only_when_switched_on(model: Running, moto: Running, aws_env: None, start_proxy: Callable[..., Proxy]) -> None:
+    """Two chat streams of 5 tokens (the first token 100 ms after the role chunk) and one of 2 words' prompt: with
+    --cloudwatch-token-metrics, InputTokens and OutputTokens are per-request statistic sets in Count, time to first
+    token and per token in Microseconds; without it, none of them is published."""
+    chat = {"messages": [{"role": "user", "content": "a b c"}], "max_tokens": 5, "stream": True, "stream_options": {"include_usage": True}}
+    on, off = f"Test{uuid.uuid4().hex[:8]}", f"Test{uuid.uuid4().hex[:8]}"
+    with_tokens = start_proxy(model.url, "--model-server", "openai", "--cloudwatch-token-metrics", *cloudwatch_flags(moto.url, on))
+    without = start_proxy(model.url, "--model-server", "openai", *cloudwatch_flags(moto.url, off))
+    for proxy in (with_tokens, without):
+        for _ in range(2):
+            r = httpx.post(f"{proxy.url}/v1/chat/completions", json=chat, headers={"X-Test-First-Token-Ms": "100", "X-Test-Stream-Interval-Ms": "5"})
+            assert r.status_code == 200
+        assert httpx.post(f"{proxy.url}/v1/completions", json={"prompt": "one two", "max_tokens": 1}).status_code == 200
+    output = wait_for_statistics(moto.url, on, "OutputTokens", 3)
+    assert (output["Sum"], output["Minimum"], output["Maximum"], output["Unit"]) == (11, 1, 5, "Count")
+    inputs = statistics(moto.url, on, "InputTokens")
+    assert (inputs["SampleCount"], inputs["Sum"], inputs["Unit"]) == (3, 8, "Count")
+    first = statistics(moto.url, on, "TimeToFirstToken")
+    assert first["SampleCount"] == 2 and first["Unit"] == "Microseconds" and 98_000 <= first["Minimum"] <= first["Maximum"] < 1_000_000
+    per_token = statistics(moto.url, on, "TimePerOutputToken")
+    assert per_token["SampleCount"] == 2 and per_token["Unit"] == "Microseconds" and 3_000 <= per_token["Minimum"]
+    assert wait_for_statistics(moto.url, off, "Invocations", 3)["Sum"] == 3
+    assert all(statistics(moto.url, off, m) == {} for m in ("InputTokens", "OutputTokens", "TimeToFirstToken", "TimePerOutputToken"))

@@ -23,6 +23,7 @@ from proxy.http.client import GATHER_BYTES, ModelResponse
 from proxy.invocation.access import log_access
 from proxy.invocation.admission import Admission, queue
 from proxy.invocation.front import Front, RuntimeFront
+from proxy.invocation.genai import GenAIMetrics, describe
 from proxy.invocation.guard import Deadlines, Guard
 from proxy.invocation.headers import HOP_HEADER, named_model, request_headers
 from proxy.invocation.record import Invocation
@@ -74,6 +75,7 @@ class ProxyApp:
         native_routes: bool = True,
         hop: bytes = b"",
         tracing: Tracing | None = None,
+        genai: GenAIMetrics | None = None,
         clock: Callable[[], int] = time.perf_counter_ns,
         random: Callable[[], float] = random.random,
     ) -> None:
@@ -96,15 +98,17 @@ class ProxyApp:
         self._hop = hop or os.urandom(8).hex().encode()  # this proxy's mark on what it forwards
         self._log_access = log_access  # one line per forwarded request (--access-log)
         self._tracing = tracing  # None: no tracing, and nothing of it on the request path
+        self._genai = genai  # None: no GenAI metrics over OTLP, likewise
         self._reachability = _Reachability()
         # The Runtime API: where the model takes invocations.
         self._model_path = self._routes.model_path.encode()
         self._clock = clock
 
     def shutdown(self, timeout_s: float = 5.0) -> None:
-        """At exit, after the drain: the spans still queued go to the collector, for at most ``timeout_s``."""
-        if self._tracing is not None:
-            self._tracing.shutdown(timeout_s)
+        """At exit, after the drain: the spans and metrics still queued go to the collector, each for at most ``timeout_s``."""
+        for telemetry in (self._tracing, self._genai):
+            if telemetry is not None:
+                telemetry.shutdown(timeout_s)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -222,7 +226,7 @@ class ProxyApp:
         spans: tuple[Any, Any, int] | None = None
         guard = Guard(loop, self._deadlines, scope, receive)
         try:  # from here the slot at the model is given back, and the invocation recorded, whatever happens
-            spans = _begin(scope, record, variant, request.headers, self._tracing, clock)
+            spans = _begin(scope, record, variant, request, self._tracing, self._genai, clock)
             record.t_send = clock()
             try:
                 response = await variant.client.request(request.method, request.target, request.headers, request.body)
@@ -266,7 +270,7 @@ class ProxyApp:
                 response.close()
             if not record.t_out:  # else the answer went out before its tokens were counted
                 record.t_out = clock()
-            _report(scope, record, self._tracing, spans, self._log_access)
+            _report(scope, record, self._tracing, spans, self._log_access, self._genai)
 
     async def _cancelled(self, fault: Fault, record: Invocation, front: Front) -> None:
         """The guard cancelled the call: the client went away (nothing to answer), or the model overran its timeout."""
@@ -296,17 +300,24 @@ class ProxyApp:
 
 
 def _begin(
-    scope: Scope, record: Invocation, variant: Variant, headers: Headers, tracing: Tracing | None, clock: Callable[[], int]
+    scope: Scope, record: Invocation, variant: Variant, request: _Forward, tracing: Tracing | None, genai: GenAIMetrics | None,
+    clock: Callable[[], int],
 ) -> tuple[Any, Any, int] | None:
-    """The invocation starts: its live instance count and concurrency, and its spans (with tracing on)."""
+    """The invocation starts: its live instance count and concurrency, and its spans (with tracing on); with
+    OTel on, what the GenAI conventions say of the request."""
     if record.counted:
         record.instances = variant.instances.current()
         assert record.recorder is not None
         record.recorder.invocation_started()
-    return tracing.begin(scope, record, variant, headers, clock()) if tracing is not None else None
+    if tracing is None and genai is None:
+        return None
+    describe(scope, record, request.body)
+    return tracing.begin(scope, record, variant, request.headers, clock()) if tracing is not None else None
 
 
-def _report(scope: Scope, record: Invocation, tracing: Tracing | None, spans: tuple[Any, Any, int] | None, access: bool) -> None:
+def _report(
+    scope: Scope, record: Invocation, tracing: Tracing | None, spans: tuple[Any, Any, int] | None, access: bool, genai: GenAIMetrics | None
+) -> None:
     """Record: the metrics, the spans and the access line, each read from the record, once."""
     if spans is not None:
         assert tracing is not None
@@ -314,6 +325,8 @@ def _report(scope: Scope, record: Invocation, tracing: Tracing | None, spans: tu
     if record.counted:
         assert record.recorder is not None
         record.recorder.invocation_ended(record)
+        if genai is not None:
+            genai.ended(record)
     if access:
         log_access(scope, record)
 

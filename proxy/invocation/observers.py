@@ -146,6 +146,7 @@ class JsonUsage(Observer):
         if usage is not None:
             record.input_tokens, record.output_tokens = usage
             record.finish_reason = finish_reason(body)
+            record.answer = body
 
 
 def _tokens_to(record: Invocation, tokens: StreamTokens) -> None:
@@ -156,6 +157,7 @@ def _tokens_to(record: Invocation, tokens: StreamTokens) -> None:
     if tokens.t_first:
         record.t_first_token = tokens.t_first
     record.finish_reason = tokens.finish_reason()
+    record.answer = tokens.tail
 
 
 FIRST_CHUNK = FirstChunk()  # it keeps nothing of its own: one for all responses

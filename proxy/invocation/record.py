@@ -48,6 +48,9 @@ class Invocation:
     time_per_output_token_ns: float | None = None
     t_first_token: int = 0  # an OpenAI-compatible stream: the first chunk with generated content arrived
     finish_reason: str | None = None  # of the answer's first choice, as the model said it
+    answer: bytes = b""  # an OpenAI-compatible answer's JSON, or its stream's last events: where its model is named
+    operation: str | None = None  # with OTel on: the GenAI operation its route is (chat, text_completion, embeddings)
+    stream_asked: bool = False  # with OTel on: the request asked for a stream ("stream": true)
     endpoint: str = ""  # the endpoint's name
     model: str | None = None  # the model the request names (a route's {model}), if any
     recorder: InvocationRecorder | None = None  # where it is recorded: its variant's, or with --model-label its model's

@@ -116,6 +116,11 @@ class StreamTokens:
             self._scan(events, 0, [events], [now], len(events))
         self._partial, self._partial_size = [], 0
 
+    @property
+    def tail(self) -> bytes:
+        """The end of what was scanned: the stream's last events."""
+        return self._tail
+
     def finish_reason(self) -> str | None:
         """The last finish reason the stream's end names (once the stream finished)."""
         return finish_reason(self._tail)

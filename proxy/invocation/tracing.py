@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, Counter
 
+from proxy.invocation.genai import span_attributes
 from proxy.types import Headers, Scope
 
 if TYPE_CHECKING:
@@ -170,6 +171,7 @@ class Tracing:
         })
         if fault is not None:
             server.set_attribute("error.type", fault.reason)
+        server.set_attributes(span_attributes(record))
         if model_error:
             server.set_status(self._status(self._error, fault.message if fault is not None else f"model status {record.status}"))
         server.end(end_time=record.t_out + wall_offset_ns)

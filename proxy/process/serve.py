@@ -30,6 +30,8 @@ from proxy.errors import Fault
 from proxy.http.client import ModelClient, ping
 from proxy.http.server import HttpServer, Limits
 from proxy.invocation.app import ProxyApp
+from proxy.invocation.genai import GenAIMetrics
+from proxy.invocation.genai import wanted as genai_wanted
 from proxy.invocation.routes import Routes
 from proxy.invocation.tracing import Tracing
 from proxy.invocation.tracing import wanted as tracing_wanted
@@ -236,6 +238,8 @@ def _proxy_app(
         components=variants.components,
         log_access=settings.access_log,
         tracing=Tracing(registry, settings.otel) if tracing_wanted(settings.otel) else None,
+        genai=GenAIMetrics(registry, settings.otel_metrics, settings.genai_provider or settings.model_server or "sagemaker")
+        if genai_wanted(settings.otel_metrics) else None,
         invocation_routes=settings.invocation_routes,
         max_payload_bytes=settings.max_payload_bytes,
         max_buffered_bytes=settings.max_buffered_bytes,

@@ -122,6 +122,7 @@ def build_variants(
             in_flight=in_flight(i),
             concurrency_statistics=(concurrency or {}).get(key),
             component=component,
+            token_statistics=settings.cloudwatch.token_metrics,
         )
         models = ModelRecorders(partial(_for_model, make), settings.max_models) if metrics.model_label else None
         recorder = models.default if models is not None else make()
