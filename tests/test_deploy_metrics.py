@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 import yaml
 
-from metrics.definitions import ALL_METRICS, Kind
+from metrics.definitions import ALL_METRICS, COMPONENT_LABEL, MODEL_LABEL, VARIANT_LABELS, Kind
 from tests.conftest import ROOT
 
 DEPLOY = ROOT / "deploy"
@@ -31,6 +31,8 @@ GRAFANA = DEPLOY / "grafana"
 DASHBOARD = GRAFANA / "dashboards" / "sagemaker-metrics-proxy.json"
 DATASOURCE = {"type": "prometheus", "uid": "${datasource}"}
 JOB = "sagemaker-metrics-proxy"
+# Labels Prometheus adds to every series of a scrape target.
+TARGET_LABELS = frozenset({"instance", "job"})
 
 
 def exported_names() -> frozenset[str]:
@@ -42,6 +44,20 @@ def exported_names() -> frozenset[str]:
         else:
             names.add(metric.prometheus_name)
     return frozenset(names)
+
+
+def carried_labels() -> dict[str, frozenset[str]]:
+    """The labels each exported sample name can carry: the variant's, the optional component and model, its own,
+    ``le`` on buckets, and the scrape target's."""
+    carried = {"up": TARGET_LABELS}
+    for metric in ALL_METRICS:
+        labels = frozenset(VARIANT_LABELS + COMPONENT_LABEL + MODEL_LABEL + metric.labels) | TARGET_LABELS
+        if metric.kind is Kind.HISTOGRAM:
+            carried[metric.prometheus_name + "_bucket"] = labels | {"le"}
+            carried[metric.prometheus_name + "_sum"] = carried[metric.prometheus_name + "_count"] = labels
+        else:
+            carried[metric.prometheus_name] = labels
+    return carried
 
 
 # --- a small PromQL tokenizer: enough to find every series selector, and to refuse what it cannot read ---
@@ -177,6 +193,18 @@ def metric_names(expr: str) -> set[str]:
     return {s.name for s in selectors(expr)}
 
 
+def grouping_labels(expr: str) -> set[str]:
+    """The label names in every by, without, on, ignoring, group_left and group_right list of an expression."""
+    tokens = tokenize(expr)
+    _check_balanced(tokens)
+    labels: set[str] = set()
+    for i, token in enumerate(tokens[:-1]):
+        if token.kind == "ident" and token.text.lower() in _GROUPING and tokens[i + 1].text == "(":
+            end = _closing(tokens, i + 1, "(", ")")
+            labels |= {t.text for t in tokens[i + 2 : end] if t.kind == "ident"}
+    return labels
+
+
 def grafana_variable_promql(query: str) -> str | None:
     """The PromQL inside a Grafana Prometheus variable query; None when it names no series."""
     if m := re.fullmatch(r"\s*label_values\((.*),\s*[A-Za-z_]\w*\s*\)\s*", query, re.S):
@@ -273,6 +301,19 @@ def test_extractor_catches_a_misspelled_metric_and_a_histogram_without_its_suffi
     assert metric_names(sample) - exported == {"sagemaker_invocation_total", "sagemaker_model_latency_seconds"}
 
 
+@pytest.mark.parametrize(
+    ("expr", "labels"),
+    [
+        ("sum by (le, endpoint_name) (rate(x_bucket[5m]))", {"le", "endpoint_name"}),
+        ("sum(rate(a_total{on=\"x\"}[5m])) without (instance) / ignoring(reason) group_left(host) b", {"instance", "reason", "host"}),
+        ("max by(finish_reason)(x) * on (instance) group_left up", {"finish_reason", "instance"}),
+        ("rate(x[5m]) / rate(y[5m])", set()),
+    ],
+)
+def test_grouping_labels_finds_every_grouping_list(expr: str, labels: set[str]) -> None:
+    assert grouping_labels(expr) == labels
+
+
 @pytest.mark.parametrize("expr", ["rate(x{a=}[5m])", "sum(rate(x[5m])", "sum(x))", 'x{a="b"', "rate(x[5m)]", "{job=~\"a.*\"}", "x ? y"])
 def test_extractor_refuses_what_it_cannot_read(expr: str) -> None:
     with pytest.raises(ValueError):
@@ -344,6 +385,41 @@ def test_dashboard_variables_and_data_source() -> None:
         assert panel["targets"], panel["title"]
         for target in panel["targets"]:
             assert target["datasource"] == DATASOURCE, panel["title"]
+
+
+def test_dashboard_panels_tile_the_grid_in_order_without_overlap() -> None:
+    """Grafana lays panels on a 24-column grid by gridPos and puts each under the row above it; two panels on one cell
+    hide each other."""
+    taken: dict[tuple[int, int], str] = {}
+    top = dashboard()["panels"]
+    for panel in top:
+        grid = panel["gridPos"]
+        assert grid["x"] >= 0 and grid["w"] > 0 and grid["h"] > 0 and grid["x"] + grid["w"] <= 24, panel["title"]
+        if panel["type"] == "row":
+            assert (grid["x"], grid["w"], grid["h"]) == (0, 24, 1) and not panel.get("collapsed"), panel["title"]
+        for x in range(grid["x"], grid["x"] + grid["w"]):
+            for y in range(grid["y"], grid["y"] + grid["h"]):
+                assert (x, y) not in taken, f"{panel['title']!r} overlaps {taken[x, y]!r}"
+                taken[x, y] = panel["title"]
+    positions = [(p["gridPos"]["y"], p["gridPos"]["x"]) for p in top]
+    assert positions == sorted(positions), "the panels are listed in the order they are laid out"
+
+
+def test_dashboard_groups_and_legends_by_labels_the_series_carry() -> None:
+    """A ``by (finish_reason)`` or a ``{{finish_reason}}`` legend names a label the queried metrics have; a wrong name
+    merges every series into one, or leaves its part of the legend blank."""
+    carried = carried_labels()
+    legends = 0
+    for panel in dashboard_panels():
+        for target in panel.get("targets", []):
+            expr = target["expr"]
+            available = frozenset().union(*(carried[name] for name in metric_names(expr)))
+            grouped = grouping_labels(expr)
+            assert grouped <= available, f"{panel['title']!r} groups by {sorted(grouped - available)}, which its metrics lack"
+            legend = set(re.findall(r"\{\{\s*(\w+)\s*\}\}", target.get("legendFormat", "")))
+            assert legend <= grouped, f"{panel['title']!r} shows {sorted(legend - grouped)} in its legend, which its query drops"
+            legends += len(legend)
+    assert legends > 40
 
 
 def test_panels_of_seconds_histograms_show_seconds() -> None:
