@@ -19,7 +19,22 @@ from typing import Any
 import pytest
 import yaml
 
-from metrics.definitions import ALL_METRICS, COMPONENT_LABEL, MODEL_LABEL, VARIANT_LABELS, Kind
+from metrics.definitions import (
+    ALL_METRICS,
+    COMPONENT_LABEL,
+    FIRST_CHUNK_LATENCY,
+    FIRST_CHUNK_MODEL_LATENCY,
+    FIRST_CHUNK_OVERHEAD_LATENCY,
+    MODEL_LABEL,
+    REQUEST_SIZE,
+    RESPONSE_SIZE,
+    TIME_PER_OUTPUT_TOKEN,
+    TIME_TO_FIRST_TOKEN,
+    TOKEN_METRICS,
+    VARIANT_LABELS,
+    Kind,
+    MetricDefinition,
+)
 from tests.conftest import ROOT
 
 DEPLOY = ROOT / "deploy"
@@ -244,6 +259,14 @@ def dashboard_panels(panels: list[dict[str, Any]] | None = None) -> Iterator[dic
         yield from dashboard_panels(panel.get("panels", []))
 
 
+def row_panels(title: str) -> list[dict[str, Any]]:
+    """The panels under a row: those after it, up to the next row."""
+    top = dashboard()["panels"]
+    start = next(i for i, p in enumerate(top) if p["type"] == "row" and p["title"] == title)
+    end = next((i for i in range(start + 1, len(top)) if top[i]["type"] == "row"), len(top))
+    return top[start + 1 : end]
+
+
 def dashboard_exprs() -> list[str]:
     return [target["expr"] for panel in dashboard_panels() for target in panel.get("targets", [])]
 
@@ -378,7 +401,8 @@ def test_dashboard_variables_and_data_source() -> None:
     titles = " | ".join(p["title"] for p in panels)
     for wanted in ("Invocations per second", "ModelLatency", "OverheadLatency", "InvocationsPerInstance", "Concurrent",
                    "Live instances", "CPU", "Memory", "GPU", "Disk", "Rejected", "Upstream errors", "Client disconnects",
-                   "publish", "First chunk", "Mid-stream errors", "Output tokens", "Time per output token"):
+                   "publish", "First chunk", "Mid-stream errors", "Tokens per second", "Time to first token",
+                   "Time per output token", "Finish reasons", "Tokens per request", "Request and response size"):
         assert wanted in titles, wanted
     for panel in panels:
         assert panel["datasource"] == DATASOURCE, panel["title"]
@@ -422,13 +446,26 @@ def test_dashboard_groups_and_legends_by_labels_the_series_carry() -> None:
     assert legends > 40
 
 
-def test_panels_of_seconds_histograms_show_seconds() -> None:
-    """Durations are exported in seconds: their panels say so, and no query converts them."""
+# What a panel queries -> the Grafana unit it shows ("count:" is Grafana's custom unit: 1.2K tokens/s).
+PANEL_UNITS = {
+    r"_seconds_(bucket|sum|count)\b": "s",
+    r"_bytes_(bucket|sum|count)\b": "bytes",
+    r"\brate\(sagemaker_(input|output)_tokens_total\b": "count:tokens/s",
+    r"\bsagemaker_request_(input|output)_tokens_bucket\b": "count:tokens",
+}
+
+
+@pytest.mark.parametrize(("pattern", "unit"), PANEL_UNITS.items())
+def test_panels_show_the_unit_of_what_they_query(pattern: str, unit: str) -> None:
+    """Durations are exported in seconds and sizes in bytes: their panels say so, and no query converts them."""
     panels = [p for p in dashboard_panels() if p["type"] != "row"]
-    timed = [p for p in panels if any(re.search(r"_seconds_(bucket|sum|count)\b", t["expr"]) for t in p["targets"])]
-    assert len(timed) >= 4, [p["title"] for p in timed]
-    for panel in timed:
-        assert panel["fieldConfig"]["defaults"]["unit"] == "s", panel["title"]
+    matching = [p for p in panels if any(re.search(pattern, t["expr"]) for t in p["targets"])]
+    assert matching, pattern
+    for panel in matching:
+        assert panel["fieldConfig"]["defaults"]["unit"] == unit, panel["title"]
+
+
+def test_no_query_converts_seconds() -> None:
     for expr in dashboard_exprs() + [rule["expr"] for rule in rules()]:
         assert not re.search(r"\b1e[36]\b|_microseconds", expr), expr
 
@@ -438,6 +475,46 @@ def test_latency_panels_take_quantiles_of_bucket_rates_by_le() -> None:
     assert len(quantile_exprs) >= 8
     for expr in quantile_exprs:
         assert re.search(r"sum by \(le\b[^)]*\) \(rate\(\w+_bucket\{", expr), expr
+
+
+def quantiles(panel: dict[str, Any]) -> dict[str, set[str]]:
+    """The quantiles a panel takes of each histogram: ``{"sagemaker_x_seconds": {"0.5", "0.9"}}``."""
+    found: dict[str, set[str]] = {}
+    for target in panel["targets"]:
+        for q, name in re.findall(r"histogram_quantile\(([\d.]+), sum by \(le\b[^)]*\) \(rate\((\w+)_bucket\{", target["expr"]):
+            found.setdefault(name, set()).add(q)
+    return found
+
+
+def sample_name(metric: MetricDefinition) -> str:
+    return metric.prometheus_name + ("_bucket" if metric.kind is Kind.HISTOGRAM else "")
+
+
+def test_llm_serving_row_shows_every_token_metric_and_the_sizes() -> None:
+    """Each token metric and the request and response sizes are on the LLM serving row; the first-token times as
+    p50, p90 and p99, the per-request histograms at least as p50 and p90."""
+    panels = row_panels("LLM serving")
+    queried = {name for p in panels for t in p["targets"] for name in metric_names(t["expr"])}
+    for metric in (*TOKEN_METRICS, REQUEST_SIZE, RESPONSE_SIZE):
+        assert sample_name(metric) in queried, metric.prometheus_name
+    taken: dict[str, set[str]] = {}
+    for panel in panels:
+        for name, qs in quantiles(panel).items():
+            taken.setdefault(name, set()).update(qs)
+    for metric in (TIME_TO_FIRST_TOKEN, TIME_PER_OUTPUT_TOKEN):
+        assert taken[metric.prometheus_name] == {"0.5", "0.9", "0.99"}, metric.prometheus_name
+    for metric in (*TOKEN_METRICS, REQUEST_SIZE, RESPONSE_SIZE):
+        if metric.kind is Kind.HISTOGRAM:
+            assert {"0.5", "0.9"} <= taken.get(metric.prometheus_name, set()), metric.prometheus_name
+    (finish,) = [t["expr"] for p in panels for t in p["targets"] if "sagemaker_requests_finished_total" in t["expr"]]
+    assert "finish_reason" in grouping_labels(finish), finish
+
+
+def test_first_chunk_latency_and_its_split_share_a_panel() -> None:
+    """FirstChunkLatency next to its model and overhead parts, so the split reads against the total."""
+    wanted = {sample_name(m) for m in (FIRST_CHUNK_LATENCY, FIRST_CHUNK_MODEL_LATENCY, FIRST_CHUNK_OVERHEAD_LATENCY)}
+    panels = [p for p in dashboard_panels() if p["type"] != "row"]
+    assert any(wanted <= {n for t in p["targets"] for n in metric_names(t["expr"])} for p in panels), sorted(wanted)
 
 
 # --- the rules ---
