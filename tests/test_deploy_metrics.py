@@ -7,15 +7,18 @@ Every PromQL expression in deploy/ is tokenized and its selectors are checked ag
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import shutil
 import subprocess
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 import yaml
 
@@ -35,7 +38,8 @@ from metrics.definitions import (
     Kind,
     MetricDefinition,
 )
-from tests.conftest import ROOT
+from tests.conftest import ROOT, Proxy, Running
+from tests.test_prometheus import running_prometheus, wait_for_value
 
 DEPLOY = ROOT / "deploy"
 PROMETHEUS = DEPLOY / "prometheus"
@@ -602,3 +606,61 @@ def test_promtool_checks_the_config_with_its_rules(promtool: str, tmp_path: Path
 
 def test_promtool_runs_the_rule_unit_tests(promtool: str) -> None:
     assert "SUCCESS" in run_promtool(promtool, "test", "rules", RULES_TEST)
+
+
+# --- a real Prometheus, with the rules, scraping the proxy after real chat streams ---
+
+
+def query_all(prometheus: str, promql: str) -> list[tuple[dict[str, str], float]]:
+    response = httpx.get(f"{prometheus}/api/v1/query", params={"query": promql}).json()
+    assert response["status"] == "success", response
+    return [(r["metric"], float(r["value"][1])) for r in response["data"]["result"]]
+
+
+def wait_for_series(prometheus: str, promql: str, timeout: float = 15) -> list[tuple[dict[str, str], float]]:
+    deadline = time.monotonic() + timeout
+    while not (results := query_all(prometheus, promql)) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    return results
+
+
+@pytest.mark.e2e
+def test_llm_serving_panels_and_first_token_rules_answer_from_a_real_prometheus(
+    prometheus_binary: str, model: Running, start_proxy: Callable[..., Proxy], tmp_path: Path
+) -> None:
+    """Names that exist are not enough: each query of the LLM serving row returns numbers for the variant once chat
+    streams went through, and the recorded time to first token sits in the bucket that holds the model's first token."""
+    proxy = start_proxy(model.url, "--invocation-route", "POST /v1/chat/completions")
+    with running_prometheus(prometheus_binary, f"127.0.0.1:{proxy.metrics_port}", tmp_path, rules=RULES) as prometheus:
+        # A scrape before the streams, so the rates over the window see them arrive.
+        assert wait_for_value(prometheus, f'up{{job="{JOB}"}}', 1) == 1
+        sent = 8
+        body = {"messages": [{"role": "user", "content": "three words here"}], "max_tokens": 5, "stream": True,
+                "stream_options": {"include_usage": True}}
+        for _ in range(sent):
+            r = httpx.post(f"{proxy.url}/v1/chat/completions", json=body, headers={"X-Test-First-Token-Ms": "200"}, timeout=10)
+            assert r.status_code == 200 and r.text.rstrip().endswith("data: [DONE]"), r.text
+        finished = 'sum(sagemaker_requests_finished_total{finish_reason="length"})'
+        assert wait_for_value(prometheus, finished, sent) == sent
+
+        variables = {"$endpoint_name": "test-endpoint", "$variant_name": "AllTraffic", "$__rate_interval": "1m"}
+        for panel in row_panels("LLM serving"):
+            for target in panel["targets"]:
+                expr = target["expr"]
+                for variable, text in variables.items():
+                    expr = expr.replace(variable, text)
+                results = query_all(prometheus, expr)
+                assert results, f"{panel['title']!r}: no series for {expr}"
+                for labels, value in results:
+                    assert math.isfinite(value) and value >= 0, (panel["title"], labels, value)
+                    assert (labels["endpoint_name"], labels["variant_name"]) == ("test-endpoint", "AllTraffic"), labels
+                if "finish_reason" in grouping_labels(expr):
+                    reasons = {labels["finish_reason"]: value for labels, value in results}
+                    assert reasons["length"] > 0 and reasons["stop"] == 0, reasons
+
+        # The model sends its role chunk at once and its first token 200 ms later: (0.1, 0.25] s. The rule's evaluations
+        # before the streams recorded NaN; ">= 0" waits for one after them.
+        recorded = "endpoint_name_variant_name:sagemaker_time_to_first_token_seconds:histogram_quantile_rate5m"
+        ((_, p90),) = wait_for_series(prometheus, f'{recorded}{{quantile="0.9", endpoint_name="test-endpoint"}} >= 0')
+        assert 0.1 < p90 <= 0.25, p90
+
