@@ -7,20 +7,39 @@ Every PromQL expression in deploy/ is tokenized and its selectors are checked ag
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import shutil
 import subprocess
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 import yaml
 
-from metrics.definitions import ALL_METRICS, Kind
-from tests.conftest import ROOT
+from metrics.definitions import (
+    ALL_METRICS,
+    COMPONENT_LABEL,
+    FIRST_CHUNK_LATENCY,
+    FIRST_CHUNK_MODEL_LATENCY,
+    FIRST_CHUNK_OVERHEAD_LATENCY,
+    MODEL_LABEL,
+    REQUEST_SIZE,
+    RESPONSE_SIZE,
+    TIME_PER_OUTPUT_TOKEN,
+    TIME_TO_FIRST_TOKEN,
+    TOKEN_METRICS,
+    VARIANT_LABELS,
+    Kind,
+    MetricDefinition,
+)
+from tests.conftest import ROOT, Proxy, Running
+from tests.test_prometheus import running_prometheus, wait_for_value
 
 DEPLOY = ROOT / "deploy"
 PROMETHEUS = DEPLOY / "prometheus"
@@ -31,6 +50,8 @@ GRAFANA = DEPLOY / "grafana"
 DASHBOARD = GRAFANA / "dashboards" / "sagemaker-metrics-proxy.json"
 DATASOURCE = {"type": "prometheus", "uid": "${datasource}"}
 JOB = "sagemaker-metrics-proxy"
+# Labels Prometheus adds to every series of a scrape target.
+TARGET_LABELS = frozenset({"instance", "job"})
 
 
 def exported_names() -> frozenset[str]:
@@ -42,6 +63,20 @@ def exported_names() -> frozenset[str]:
         else:
             names.add(metric.prometheus_name)
     return frozenset(names)
+
+
+def carried_labels() -> dict[str, frozenset[str]]:
+    """The labels each exported sample name can carry: the variant's, the optional component and model, its own,
+    ``le`` on buckets, and the scrape target's."""
+    carried = {"up": TARGET_LABELS}
+    for metric in ALL_METRICS:
+        labels = frozenset(VARIANT_LABELS + COMPONENT_LABEL + MODEL_LABEL + metric.labels) | TARGET_LABELS
+        if metric.kind is Kind.HISTOGRAM:
+            carried[metric.prometheus_name + "_bucket"] = labels | {"le"}
+            carried[metric.prometheus_name + "_sum"] = carried[metric.prometheus_name + "_count"] = labels
+        else:
+            carried[metric.prometheus_name] = labels
+    return carried
 
 
 # --- a small PromQL tokenizer: enough to find every series selector, and to refuse what it cannot read ---
@@ -177,6 +212,18 @@ def metric_names(expr: str) -> set[str]:
     return {s.name for s in selectors(expr)}
 
 
+def grouping_labels(expr: str) -> set[str]:
+    """The label names in every by, without, on, ignoring, group_left and group_right list of an expression."""
+    tokens = tokenize(expr)
+    _check_balanced(tokens)
+    labels: set[str] = set()
+    for i, token in enumerate(tokens[:-1]):
+        if token.kind == "ident" and token.text.lower() in _GROUPING and tokens[i + 1].text == "(":
+            end = _closing(tokens, i + 1, "(", ")")
+            labels |= {t.text for t in tokens[i + 2 : end] if t.kind == "ident"}
+    return labels
+
+
 def grafana_variable_promql(query: str) -> str | None:
     """The PromQL inside a Grafana Prometheus variable query; None when it names no series."""
     if m := re.fullmatch(r"\s*label_values\((.*),\s*[A-Za-z_]\w*\s*\)\s*", query, re.S):
@@ -214,6 +261,14 @@ def dashboard_panels(panels: list[dict[str, Any]] | None = None) -> Iterator[dic
     for panel in dashboard()["panels"] if panels is None else panels:
         yield panel
         yield from dashboard_panels(panel.get("panels", []))
+
+
+def row_panels(title: str) -> list[dict[str, Any]]:
+    """The panels under a row: those after it, up to the next row."""
+    top = dashboard()["panels"]
+    start = next(i for i, p in enumerate(top) if p["type"] == "row" and p["title"] == title)
+    end = next((i for i in range(start + 1, len(top)) if top[i]["type"] == "row"), len(top))
+    return top[start + 1 : end]
 
 
 def dashboard_exprs() -> list[str]:
@@ -271,6 +326,19 @@ def test_extractor_catches_a_misspelled_metric_and_a_histogram_without_its_suffi
         " + sum(rate(sagemaker_invocations_total[5m]))"
     )
     assert metric_names(sample) - exported == {"sagemaker_invocation_total", "sagemaker_model_latency_seconds"}
+
+
+@pytest.mark.parametrize(
+    ("expr", "labels"),
+    [
+        ("sum by (le, endpoint_name) (rate(x_bucket[5m]))", {"le", "endpoint_name"}),
+        ("sum(rate(a_total{on=\"x\"}[5m])) without (instance) / ignoring(reason) group_left(host) b", {"instance", "reason", "host"}),
+        ("max by(finish_reason)(x) * on (instance) group_left up", {"finish_reason", "instance"}),
+        ("rate(x[5m]) / rate(y[5m])", set()),
+    ],
+)
+def test_grouping_labels_finds_every_grouping_list(expr: str, labels: set[str]) -> None:
+    assert grouping_labels(expr) == labels
 
 
 @pytest.mark.parametrize("expr", ["rate(x{a=}[5m])", "sum(rate(x[5m])", "sum(x))", 'x{a="b"', "rate(x[5m)]", "{job=~\"a.*\"}", "x ? y"])
@@ -337,7 +405,8 @@ def test_dashboard_variables_and_data_source() -> None:
     titles = " | ".join(p["title"] for p in panels)
     for wanted in ("Invocations per second", "ModelLatency", "OverheadLatency", "InvocationsPerInstance", "Concurrent",
                    "Live instances", "CPU", "Memory", "GPU", "Disk", "Rejected", "Upstream errors", "Client disconnects",
-                   "publish", "First chunk", "Mid-stream errors", "Output tokens", "Time per output token"):
+                   "publish", "First chunk", "Mid-stream errors", "Tokens per second", "Time to first token",
+                   "Time per output token", "Finish reasons", "Tokens per request", "Request and response size"):
         assert wanted in titles, wanted
     for panel in panels:
         assert panel["datasource"] == DATASOURCE, panel["title"]
@@ -346,13 +415,61 @@ def test_dashboard_variables_and_data_source() -> None:
             assert target["datasource"] == DATASOURCE, panel["title"]
 
 
-def test_panels_of_seconds_histograms_show_seconds() -> None:
-    """Durations are exported in seconds: their panels say so, and no query converts them."""
+def test_dashboard_panels_tile_the_grid_in_order_without_overlap() -> None:
+    """Grafana lays panels on a 24-column grid by gridPos and puts each under the row above it; two panels on one cell
+    hide each other."""
+    taken: dict[tuple[int, int], str] = {}
+    top = dashboard()["panels"]
+    for panel in top:
+        grid = panel["gridPos"]
+        assert grid["x"] >= 0 and grid["w"] > 0 and grid["h"] > 0 and grid["x"] + grid["w"] <= 24, panel["title"]
+        if panel["type"] == "row":
+            assert (grid["x"], grid["w"], grid["h"]) == (0, 24, 1) and not panel.get("collapsed"), panel["title"]
+        for x in range(grid["x"], grid["x"] + grid["w"]):
+            for y in range(grid["y"], grid["y"] + grid["h"]):
+                assert (x, y) not in taken, f"{panel['title']!r} overlaps {taken[x, y]!r}"
+                taken[x, y] = panel["title"]
+    positions = [(p["gridPos"]["y"], p["gridPos"]["x"]) for p in top]
+    assert positions == sorted(positions), "the panels are listed in the order they are laid out"
+
+
+def test_dashboard_groups_and_legends_by_labels_the_series_carry() -> None:
+    """A ``by (finish_reason)`` or a ``{{finish_reason}}`` legend names a label the queried metrics have; a wrong name
+    merges every series into one, or leaves its part of the legend blank."""
+    carried = carried_labels()
+    legends = 0
+    for panel in dashboard_panels():
+        for target in panel.get("targets", []):
+            expr = target["expr"]
+            available = frozenset().union(*(carried[name] for name in metric_names(expr)))
+            grouped = grouping_labels(expr)
+            assert grouped <= available, f"{panel['title']!r} groups by {sorted(grouped - available)}, which its metrics lack"
+            legend = set(re.findall(r"\{\{\s*(\w+)\s*\}\}", target.get("legendFormat", "")))
+            assert legend <= grouped, f"{panel['title']!r} shows {sorted(legend - grouped)} in its legend, which its query drops"
+            legends += len(legend)
+    assert legends > 40
+
+
+# What a panel queries -> the Grafana unit it shows ("count:" is Grafana's custom unit: 1.2K tokens/s).
+PANEL_UNITS = {
+    r"_seconds_(bucket|sum|count)\b": "s",
+    r"_bytes_(bucket|sum|count)\b": "bytes",
+    r"\brate\(sagemaker_(input|output)_tokens_total\b": "count:tokens/s",
+    r"\bsagemaker_request_(input|output)_tokens_bucket\b": "count:tokens",
+}
+
+
+@pytest.mark.parametrize(("pattern", "unit"), PANEL_UNITS.items())
+def test_panels_show_the_unit_of_what_they_query(pattern: str, unit: str) -> None:
+    """Durations are exported in seconds and sizes in bytes: their panels say so, and no query converts them."""
     panels = [p for p in dashboard_panels() if p["type"] != "row"]
-    timed = [p for p in panels if any(re.search(r"_seconds_(bucket|sum|count)\b", t["expr"]) for t in p["targets"])]
-    assert len(timed) >= 4, [p["title"] for p in timed]
-    for panel in timed:
-        assert panel["fieldConfig"]["defaults"]["unit"] == "s", panel["title"]
+    matching = [p for p in panels if any(re.search(pattern, t["expr"]) for t in p["targets"])]
+    assert matching, pattern
+    for panel in matching:
+        assert panel["fieldConfig"]["defaults"]["unit"] == unit, panel["title"]
+
+
+def test_no_query_converts_seconds() -> None:
     for expr in dashboard_exprs() + [rule["expr"] for rule in rules()]:
         assert not re.search(r"\b1e[36]\b|_microseconds", expr), expr
 
@@ -362,6 +479,46 @@ def test_latency_panels_take_quantiles_of_bucket_rates_by_le() -> None:
     assert len(quantile_exprs) >= 8
     for expr in quantile_exprs:
         assert re.search(r"sum by \(le\b[^)]*\) \(rate\(\w+_bucket\{", expr), expr
+
+
+def quantiles(panel: dict[str, Any]) -> dict[str, set[str]]:
+    """The quantiles a panel takes of each histogram: ``{"sagemaker_x_seconds": {"0.5", "0.9"}}``."""
+    found: dict[str, set[str]] = {}
+    for target in panel["targets"]:
+        for q, name in re.findall(r"histogram_quantile\(([\d.]+), sum by \(le\b[^)]*\) \(rate\((\w+)_bucket\{", target["expr"]):
+            found.setdefault(name, set()).add(q)
+    return found
+
+
+def sample_name(metric: MetricDefinition) -> str:
+    return metric.prometheus_name + ("_bucket" if metric.kind is Kind.HISTOGRAM else "")
+
+
+def test_llm_serving_row_shows_every_token_metric_and_the_sizes() -> None:
+    """Each token metric and the request and response sizes are on the LLM serving row; the first-token times as
+    p50, p90 and p99, the per-request histograms at least as p50 and p90."""
+    panels = row_panels("LLM serving")
+    queried = {name for p in panels for t in p["targets"] for name in metric_names(t["expr"])}
+    for metric in (*TOKEN_METRICS, REQUEST_SIZE, RESPONSE_SIZE):
+        assert sample_name(metric) in queried, metric.prometheus_name
+    taken: dict[str, set[str]] = {}
+    for panel in panels:
+        for name, qs in quantiles(panel).items():
+            taken.setdefault(name, set()).update(qs)
+    for metric in (TIME_TO_FIRST_TOKEN, TIME_PER_OUTPUT_TOKEN):
+        assert taken[metric.prometheus_name] == {"0.5", "0.9", "0.99"}, metric.prometheus_name
+    for metric in (*TOKEN_METRICS, REQUEST_SIZE, RESPONSE_SIZE):
+        if metric.kind is Kind.HISTOGRAM:
+            assert {"0.5", "0.9"} <= taken.get(metric.prometheus_name, set()), metric.prometheus_name
+    (finish,) = [t["expr"] for p in panels for t in p["targets"] if "sagemaker_requests_finished_total" in t["expr"]]
+    assert "finish_reason" in grouping_labels(finish), finish
+
+
+def test_first_chunk_latency_and_its_split_share_a_panel() -> None:
+    """FirstChunkLatency next to its model and overhead parts, so the split reads against the total."""
+    wanted = {sample_name(m) for m in (FIRST_CHUNK_LATENCY, FIRST_CHUNK_MODEL_LATENCY, FIRST_CHUNK_OVERHEAD_LATENCY)}
+    panels = [p for p in dashboard_panels() if p["type"] != "row"]
+    assert any(wanted <= {n for t in p["targets"] for n in metric_names(t["expr"])} for p in panels), sorted(wanted)
 
 
 # --- the rules ---
@@ -449,3 +606,61 @@ def test_promtool_checks_the_config_with_its_rules(promtool: str, tmp_path: Path
 
 def test_promtool_runs_the_rule_unit_tests(promtool: str) -> None:
     assert "SUCCESS" in run_promtool(promtool, "test", "rules", RULES_TEST)
+
+
+# --- a real Prometheus, with the rules, scraping the proxy after real chat streams ---
+
+
+def query_all(prometheus: str, promql: str) -> list[tuple[dict[str, str], float]]:
+    response = httpx.get(f"{prometheus}/api/v1/query", params={"query": promql}).json()
+    assert response["status"] == "success", response
+    return [(r["metric"], float(r["value"][1])) for r in response["data"]["result"]]
+
+
+def wait_for_series(prometheus: str, promql: str, timeout: float = 15) -> list[tuple[dict[str, str], float]]:
+    deadline = time.monotonic() + timeout
+    while not (results := query_all(prometheus, promql)) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    return results
+
+
+@pytest.mark.e2e
+def test_llm_serving_panels_and_first_token_rules_answer_from_a_real_prometheus(
+    prometheus_binary: str, model: Running, start_proxy: Callable[..., Proxy], tmp_path: Path
+) -> None:
+    """Names that exist are not enough: each query of the LLM serving row returns numbers for the variant once chat
+    streams went through, and the recorded time to first token sits in the bucket that holds the model's first token."""
+    proxy = start_proxy(model.url, "--invocation-route", "POST /v1/chat/completions")
+    with running_prometheus(prometheus_binary, f"127.0.0.1:{proxy.metrics_port}", tmp_path, rules=RULES) as prometheus:
+        # A scrape before the streams, so the rates over the window see them arrive.
+        assert wait_for_value(prometheus, f'up{{job="{JOB}"}}', 1) == 1
+        sent = 8
+        body = {"messages": [{"role": "user", "content": "three words here"}], "max_tokens": 5, "stream": True,
+                "stream_options": {"include_usage": True}}
+        for _ in range(sent):
+            r = httpx.post(f"{proxy.url}/v1/chat/completions", json=body, headers={"X-Test-First-Token-Ms": "200"}, timeout=10)
+            assert r.status_code == 200 and r.text.rstrip().endswith("data: [DONE]"), r.text
+        finished = 'sum(sagemaker_requests_finished_total{finish_reason="length"})'
+        assert wait_for_value(prometheus, finished, sent) == sent
+
+        variables = {"$endpoint_name": "test-endpoint", "$variant_name": "AllTraffic", "$__rate_interval": "1m"}
+        for panel in row_panels("LLM serving"):
+            for target in panel["targets"]:
+                expr = target["expr"]
+                for variable, text in variables.items():
+                    expr = expr.replace(variable, text)
+                results = query_all(prometheus, expr)
+                assert results, f"{panel['title']!r}: no series for {expr}"
+                for labels, value in results:
+                    assert math.isfinite(value) and value >= 0, (panel["title"], labels, value)
+                    assert (labels["endpoint_name"], labels["variant_name"]) == ("test-endpoint", "AllTraffic"), labels
+                if "finish_reason" in grouping_labels(expr):
+                    reasons = {labels["finish_reason"]: value for labels, value in results}
+                    assert reasons["length"] > 0 and reasons["stop"] == 0, reasons
+
+        # The model sends its role chunk at once and its first token 200 ms later: (0.1, 0.25] s. The rule's evaluations
+        # before the streams recorded NaN; ">= 0" waits for one after them.
+        recorded = "endpoint_name_variant_name:sagemaker_time_to_first_token_seconds:histogram_quantile_rate5m"
+        ((_, p90),) = wait_for_series(prometheus, f'{recorded}{{quantile="0.9", endpoint_name="test-endpoint"}} >= 0')
+        assert 0.1 < p90 <= 0.25, p90
+

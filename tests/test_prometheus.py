@@ -19,11 +19,12 @@ DELAY_MS = 30
 
 
 @contextmanager
-def running_prometheus(binary: str, target: str, tmp_path: Path) -> Iterator[str]:
+def running_prometheus(binary: str, target: str, tmp_path: Path, rules: Path | None = None) -> Iterator[str]:
     config = tmp_path / "prometheus.yml"
     config.write_text(
         "global: {scrape_interval: 1s, evaluation_interval: 1s}\n"
-        "scrape_configs:\n"
+        + (f"rule_files: ['{rules}']\n" if rules else "")
+        + "scrape_configs:\n"
         f"  - job_name: sagemaker-metrics-proxy\n    static_configs: [{{targets: ['{target}']}}]\n"
     )
     port = free_port()
