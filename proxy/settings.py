@@ -92,6 +92,10 @@ def _positive_float(raw: str) -> float:
 
 def _upstream(raw: str) -> str:
     parts = urlsplit(raw)
+    if parts.scheme == "https":
+        raise ValueError(
+            f"TLS to the model is not supported: the proxy speaks plain HTTP to it, as a sidecar on loopback or a private network; give http://host:port, got {raw!r}"
+        )
     if parts.scheme != "http":
         raise ValueError(f"must be an http:// URL of the model server, got {raw!r}")
     try:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import pathlib
 import re
 import subprocess
 import time
@@ -37,6 +38,32 @@ def test_an_upstream_without_a_port_is_refused() -> None:
     result = run_cli("serve", "--upstream", "http://127.0.0.1", "--endpoint-name", "e")
     assert result.returncode == 2
     assert result.stderr.strip() == "sagemaker-metrics-proxy: error: --upstream: must name its port, http://host:port, got 'http://127.0.0.1'"
+
+
+@pytest.mark.parametrize(
+    "flags",
+    [
+        ["--upstream", "https://127.0.0.1:8443"],
+        ["--variant", "Blue=https://127.0.0.1:8443:1"],
+    ],
+)
+def test_an_https_upstream_is_refused_saying_that_tls_to_the_model_is_not_supported(flags: list[str]) -> None:
+    result = run_cli("serve", "--endpoint-name", "e", *flags)
+    assert result.returncode == 2
+    [line] = result.stderr.splitlines()
+    assert line == (
+        f"sagemaker-metrics-proxy: error: {flags[0]}: TLS to the model is not supported: the proxy speaks plain HTTP to it, "
+        f"as a sidecar on loopback or a private network; give http://host:port, got 'https://127.0.0.1:8443'"
+    ), line
+
+
+def test_an_https_instance_in_the_config_file_says_the_same(tmp_path: pathlib.Path) -> None:
+    config = tmp_path / "endpoints.toml"
+    config.write_text('[[Endpoints]]\nEndpointName = "e"\n[[Endpoints.ProductionVariants]]\nVariantName = "v"\nInstances = ["https://model:8443"]\n')
+    result = run_cli("serve", "--config", str(config))
+    assert result.returncode == 2
+    [line] = result.stderr.splitlines()
+    assert "Endpoints[0].ProductionVariants[0].Instances TLS to the model is not supported" in line, line
 
 
 @pytest.mark.e2e
