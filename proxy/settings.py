@@ -523,7 +523,11 @@ class CloudWatchOptions:
         "seconds per statistic set of ConcurrentRequestsPerModel alone, e.g. `10` for a high-resolution metric as SageMaker emits it for fast autoscaling",
         None, absent="`--cloudwatch-period`", only="serve",
     )
-    region: str | None = option("--cloudwatch-region", str, "AWS region, e.g. from `AWS_REGION`", None, absent="boto3's chain")
+    region: str | None = option(
+        "--cloudwatch-region", str, "AWS region of CloudWatch, such as `us-east-1` (and of SageMaker, for `--instance-count-from sagemaker`); none at all is refused at start",
+        None, absent="`AWS_DEFAULT_REGION` (boto3 reads no `AWS_REGION`), or the AWS config file's",
+        help_for={"monitor": "AWS region of CloudWatch, such as `us-east-1`; none at all is refused at start"},
+    )
     endpoint_url: str | None = option("--cloudwatch-endpoint-url", _http_url, "CloudWatch endpoint, for compatible services and tests", None, absent="AWS")
     buffer_periods: int = option("--cloudwatch-buffer-periods", _int_between(1, 100_000), "ended periods kept while CloudWatch is unreachable; the oldest are dropped beyond", 120)
     flush_timeout: float = option("--cloudwatch-flush-timeout", _positive_float, "seconds allowed at shutdown to publish the last partial period", 10.0)

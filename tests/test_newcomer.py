@@ -6,13 +6,14 @@ import os
 import pathlib
 import re
 import subprocess
+import sys
 import time
 from collections.abc import Callable
 
 import httpx
 import pytest
 
-from tests.conftest import ROOT, Proxy, free_port, start
+from tests.conftest import ROOT, Proxy, free_port, start, wait_for_port
 from tests.test_settings import run_cli
 
 README = ROOT / "README.md"
@@ -64,6 +65,59 @@ def test_an_https_instance_in_the_config_file_says_the_same(tmp_path: pathlib.Pa
     assert result.returncode == 2
     [line] = result.stderr.splitlines()
     assert "Endpoints[0].ProductionVariants[0].Instances TLS to the model is not supported" in line, line
+
+
+def run_without_a_region(*args: str, **environ: str) -> subprocess.CompletedProcess[str]:
+    """The CLI with no AWS region anywhere: no AWS_* variable from the caller's shell, no AWS config file."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SAGEMAKER_PROXY_", "AWS_"))}
+    env.update(AWS_CONFIG_FILE="/nonexistent/aws-config", AWS_SHARED_CREDENTIALS_FILE="/nonexistent/aws-credentials", **environ)
+    return subprocess.run([sys.executable, "-m", "proxy", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=30)
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize(
+    ("args", "environ", "needed_by"),
+    [
+        (["serve", "--cloudwatch"], {}, "--cloudwatch"),
+        (["serve", "--cloudwatch"], {"AWS_REGION": "us-east-1"}, "--cloudwatch"),  # botocore reads no AWS_REGION
+        (["serve", "--instance-count-from", "sagemaker"], {}, "--instance-count-from sagemaker"),
+        (["monitor", "--training-job", "j", "--cloudwatch"], {}, "--cloudwatch"),
+    ],
+)
+def test_cloudwatch_without_a_region_exits_2_at_start_naming_the_flag_and_the_variable(
+    args: list[str], environ: dict[str, str], needed_by: str
+) -> None:
+    port, metrics_port = free_port(), free_port()
+    ports = ["--port", str(port)] if args[0] == "serve" else []
+    serve = ["--upstream", "http://127.0.0.1:1", "--endpoint-name", "e"] if args[0] == "serve" else []
+    result = run_without_a_region(*args, *serve, "--host", "127.0.0.1", *ports, "--metrics-port", str(metrics_port), **environ)
+    assert result.returncode == 2, (result.returncode, result.stderr)
+    [line] = result.stderr.splitlines()
+    assert line == (
+        f"sagemaker-metrics-proxy: error: {needed_by} needs an AWS region: give --cloudwatch-region (such as us-east-1), "
+        "or set AWS_DEFAULT_REGION or region in the AWS config file (boto3 does not read AWS_REGION)"
+    ), line
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("region", [["--cloudwatch-region", "us-east-1"], []])
+def test_cloudwatch_with_a_region_from_the_flag_or_aws_default_region_starts(region: list[str]) -> None:
+    port, metrics_port = free_port(), free_port()
+    environ = {} if region else {"AWS_DEFAULT_REGION": "us-east-1"}
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SAGEMAKER_PROXY_", "AWS_"))}
+    env.update(AWS_CONFIG_FILE="/nonexistent/aws-config", AWS_ACCESS_KEY_ID="any", AWS_SECRET_ACCESS_KEY="any", **environ)
+    command = [
+        sys.executable, "-m", "proxy", "serve", "--upstream", "http://127.0.0.1:1", "--endpoint-name", "e", "--host", "127.0.0.1",
+        "--port", str(port), "--metrics-port", str(metrics_port), "--cloudwatch", "--cloudwatch-endpoint-url", "http://127.0.0.1:1",
+        "--cloudwatch-flush-timeout", "1", "--admin-linger", "0", *region,
+    ]
+    proc = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for_port(metrics_port, proc)
+    finally:
+        proc.terminate()
+        _, stderr = proc.communicate(timeout=30)
+    assert "needs an AWS region" not in stderr
 
 
 @pytest.mark.e2e

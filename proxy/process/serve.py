@@ -34,7 +34,7 @@ from proxy.invocation.routes import Routes
 from proxy.invocation.tracing import Tracing
 from proxy.invocation.tracing import wanted as tracing_wanted
 from proxy.process.admin import create_admin_app
-from proxy.process.background import Background, Host, Stream, endpoint_host
+from proxy.process.background import Background, Host, Stream, check_regions, endpoint_host
 from proxy.process.model import ModelProcess, ReadinessGate
 from proxy.process.variant_set import VariantSet, build_variants, component_key, recording_units
 from proxy.runtime import api
@@ -559,6 +559,7 @@ def run(settings: Settings) -> int:
     import uvloop
 
     setup_logging(settings)
+    check_regions(settings)
     proxy_sock = bind(settings.host, settings.port)
     admin_sock = bind(settings.host, settings.metrics_port)
     host = endpoint_host(settings)
