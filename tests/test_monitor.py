@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -121,3 +122,17 @@ def test_monitor_takes_no_flag_of_the_proxy() -> None:
     assert result.returncode == 2
     [error] = result.stderr.strip().splitlines()
     assert error == "sagemaker-metrics-proxy: error: unrecognized arguments: --cloudwatch-concurrency-period 10", error
+
+
+def test_a_taken_metrics_port_names_the_flag() -> None:
+    with socket.socket() as blocker:
+        blocker.bind(("127.0.0.1", 0))
+        blocker.listen()
+        busy = blocker.getsockname()[1]
+        result = run_cli("monitor", "--training-job", "j", "--host", "127.0.0.1", "--metrics-port", str(busy))
+    assert result.returncode == 2
+    [error] = result.stderr.strip().splitlines()
+    assert error == (
+        f"sagemaker-metrics-proxy: error: --metrics-port: cannot listen on 127.0.0.1:{busy}: Address already in use; "
+        "another process has that port: stop it or give another --metrics-port"
+    ), error

@@ -40,7 +40,7 @@ def run(settings: MonitorSettings) -> None:
     setup_logging(settings)
     if settings.cloudwatch.enabled:
         check_region(settings.cloudwatch, "--cloudwatch")
-    admin_sock = bind(settings.host, settings.metrics_port)
+    admin_sock = bind(settings.host, settings.metrics_port, "--metrics-port")
     host = training_host(settings)
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
         runner.run(monitor(settings, admin_sock, host))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 import multiprocessing
 import os
@@ -179,8 +180,9 @@ def listener(
 ADMIN_REFUSALS = {Fault.TOO_MANY_CONNECTIONS: Fault.ADMIN_TOO_MANY_CONNECTIONS}
 
 
-def bind(host: str, port: int) -> socket.socket:
-    """Bind before serving, so a taken port is a configuration error (exit 2), not a crash."""
+def bind(host: str, port: int, flag: str) -> socket.socket:
+    """Bind before serving, so a taken port is a configuration error (exit 2), not a crash; the error names
+    ``flag``, the option that set the port (and ``--host`` where the address is what failed)."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -188,7 +190,9 @@ def bind(host: str, port: int) -> socket.socket:
         sock.bind((host, port))
     except OSError as e:
         sock.close()
-        raise ConfigError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+        if e.errno == errno.EADDRINUSE:
+            raise ConfigError(f"{flag}: cannot listen on {host}:{port}: {e.strerror}; another process has that port: stop it or give another {flag}") from None
+        raise ConfigError(f"--host and {flag}: cannot listen on {host}:{port}: {e.strerror or e}") from None
     sock.set_inheritable(True)
     return sock
 
@@ -560,8 +564,8 @@ def run(settings: Settings) -> int:
 
     setup_logging(settings)
     check_regions(settings)
-    proxy_sock = bind(settings.host, settings.port)
-    admin_sock = bind(settings.host, settings.metrics_port)
+    proxy_sock = bind(settings.host, settings.port, "--port")
+    admin_sock = bind(settings.host, settings.metrics_port, "--metrics-port")
     host = endpoint_host(settings)
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
         if settings.workers == 1:
