@@ -140,6 +140,27 @@ def test_an_unreachable_model_is_one_warning_and_its_return_one_more(start_proxy
 
 
 @pytest.mark.e2e
+@pytest.mark.parametrize("workers", [[], ["--workers", "2"]])
+def test_a_model_down_at_start_is_one_warning_at_start_naming_it(start_proxy: Callable[..., Proxy], workers: list[str]) -> None:
+    down = [f"http://127.0.0.1:{free_port()}", f"http://127.0.0.1:{free_port()}"]
+    # Two instances, health-checked every 0.2 s: the checks go on failing, the warning is said once.
+    proxy = start_proxy(",".join(down), "--instance-count-from", "upstreams", "--health-check-interval", "0.2", *workers)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and proxy.log.read_text().count(" is out (") < 2:  # each failed its checks
+        time.sleep(0.2)
+    time.sleep(1)  # five more failed checks of each
+    log = proxy.log.read_text()
+    for url in down:
+        said = [line for line in log.splitlines() if f"listens at {url} " in line]
+        assert len(said) == 1, log
+        assert said[0].endswith(
+            f"WARNING proxy[{proxy.proc.pid}]: the model does not answer GET /ping at start (could not connect to the model at {url}: "
+            f"Connection refused; 2 checks 0.2 s apart): check that it runs and listens at {url} (--upstream), and that /ping is its health check "
+            "(--ping-path, --model-server); said once"
+        ), said[0]
+
+
+@pytest.mark.e2e
 def test_access_log_and_one_line_per_port(model: object, start_proxy: Callable[..., Proxy]) -> None:
     url = model.url  # type: ignore[attr-defined]
     quiet = start_proxy(url, "--log-level", "info")

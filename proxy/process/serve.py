@@ -37,7 +37,7 @@ from proxy.invocation.tracing import wanted as tracing_wanted
 from proxy.process.admin import create_admin_app
 from proxy.process.background import Background, Host, Stream, check_regions, endpoint_host
 from proxy.process.model import ModelProcess, ReadinessGate
-from proxy.process.variant_set import VariantSet, build_variants, component_key, recording_units
+from proxy.process.variant_set import VariantSet, build_variants, component_key, first_ping, recording_units
 from proxy.runtime import api
 from proxy.runtime.sigv4 import CredentialsFile
 from proxy.settings import ConfigError, MonitorSettings, Settings
@@ -314,6 +314,8 @@ async def serve(settings: Settings, proxy_sock: socket.socket, admin_sock: socke
         if settings.model_command:  # the model stops after the drain, and the port takes no call while it is down
             gate = await pieces.enter_async_context(_gate(settings, variants.clients()))
             await pieces.enter_async_context(_model(settings, registry, background, variants.clients(), status, gate.close))
+        else:  # a model that is down at start is said at once, not at the first request
+            await pieces.enter_async_context(first_ping(settings))
         await proxy_server.serve(proxy_sock)
         await _linger(settings)
     return status.code
@@ -539,6 +541,8 @@ async def _supervise(
         await pieces.enter_async_context(background)
         if settings.model_command:  # stopped after the workers have drained
             await pieces.enter_async_context(_model(settings, own, background, readiness.clients(), status))
+        else:
+            await pieces.enter_async_context(first_ping(settings))
         await pieces.enter_async_context(workers)
         # The admin port answers until every worker has drained, and a little longer: the last scrape sees it all.
         await pieces.enter_async_context(serving(admin_server, admin_sock))
