@@ -30,6 +30,11 @@ if TYPE_CHECKING:
 log = logging.getLogger("proxy.tracing")
 
 ENDPOINT_VARIABLES = ("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "OTEL_EXPORTER_OTLP_ENDPOINT")
+TIMEOUT_VARIABLES = ("OTEL_EXPORTER_OTLP_TRACES_TIMEOUT", "OTEL_EXPORTER_OTLP_TIMEOUT")
+# Seconds one export may take, its retries included, unless a variable above says otherwise. The SDK's 10 s
+# go to retries with backoff (1, 2, 4 s) when the collector is down, and a batch counts as dropped only when
+# the export gives up: with this bound, after about a second.
+EXPORT_TIMEOUT_S = 2.0
 PROPAGATED = (b"traceparent", b"tracestate", b"baggage")
 
 
@@ -78,7 +83,8 @@ class Tracing:
 
         resource = Resource.create({SERVICE_NAME: service_name} if not os.environ.get("OTEL_SERVICE_NAME") else {})
         self.provider = TracerProvider(resource=resource)  # the sampler from OTEL_TRACES_SAMPLER, as the SDK reads it
-        processor = BatchSpanProcessor(CountingExporter(endpoint=endpoint) if endpoint else CountingExporter())
+        timeout = None if any(os.environ.get(v) for v in TIMEOUT_VARIABLES) else EXPORT_TIMEOUT_S
+        processor = BatchSpanProcessor(CountingExporter(endpoint=endpoint, timeout=timeout))
 
         class CountingProcessor(type(processor)):  # type: ignore[misc]
             """The batch processor, counting what its full queue pushes out (it drops the oldest, silently)."""
