@@ -4,7 +4,7 @@ On only when an OTLP endpoint is configured, the standard way (``OTEL_EXPORTER_O
 ``OTEL_EXPORTER_OTLP_TRACES_ENDPOINT``, or ``--otel URL``) and ``OTEL_SDK_DISABLED`` is not true; the SDK then
 reads the rest of the standard variables itself (``OTEL_SERVICE_NAME``, ``OTEL_RESOURCE_ATTRIBUTES``,
 ``OTEL_TRACES_SAMPLER`` and its argument, ``OTEL_BSP_*``, ``OTEL_EXPORTER_OTLP_*HEADERS``...). Needs the
-optional extra: ``pip install 'sagemaker-metrics-proxy[otel]'``. Off, nothing here is imported.
+optional extra: ``pip install '.[otel]'`` in a clone of the proxy. Off, nothing here is imported.
 
 Per invocation: a SERVER span continuing the client's W3C trace context, and a CLIENT span for the model
 call whose context goes to the model in ``traceparent``. Spans leave in the background (a batch processor):
@@ -59,7 +59,7 @@ class Tracing:
         except ImportError as e:
             from proxy.errors import ConfigError
 
-            raise ConfigError(f"tracing needs the otel extra: pip install 'sagemaker-metrics-proxy[otel]' ({e})") from None
+            raise ConfigError(f"tracing needs the otel extra: pip install '.[otel]' in a clone of the proxy ({e})") from None
         self._extract, self._inject = extract, inject
         self._server_kind, self._client_kind = SpanKind.SERVER, SpanKind.CLIENT
         self._status, self._error = Status, StatusCode.ERROR
