@@ -179,20 +179,3 @@ def test_access_log_and_one_line_per_port(model: object, start_proxy: Callable[.
     assert fields is not None, lines[0]
     assert int(fields[1]) > 0 and float(fields[2]) >= 20 and 0 <= float(fields[3]) < 20
     assert ' "POST /invocations" 503 ' in lines[1]
-
-
-@pytest.mark.e2e
-def test_the_readme_commands_run_as_written() -> None:
-    """The block after the quick start, run by bash from the repository, as a newcomer would paste it."""
-    text = README.read_text()
-    start_at = text.index("Then, by hand:")
-    block = text[start_at:].split("```sh\n", 1)[1].split("```", 1)[0]
-    for port in (8080, 8081, 9090):
-        with __import__("socket").socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                pytest.fail(f"port {port} is taken here; the README's commands need it free")
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SAGEMAKER_PROXY_")}
-    result = subprocess.run(["bash", "-e", "-c", block], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
-    assert result.returncode == 0, (result.stdout, result.stderr)
-    assert '"predictions"' in result.stdout
-    assert re.search(r'^sagemaker_invocations_total\{endpoint_name="my-endpoint",variant_name="AllTraffic"\} 1\.0$', result.stdout, re.M), result.stdout
