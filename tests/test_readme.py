@@ -1,4 +1,5 @@
-"""The README as a newcomer meets it: every block marked runnable runs as written.
+"""The README as a newcomer meets it: every block marked runnable runs as written, and its metric tables are
+the definitions in metrics/.
 
 A fenced block preceded by ``<!-- runnable ... -->`` runs from the repository, with the repository's
 ``.venv`` as the README's commands name it (``.venv/bin/...``), in a directory of links to the repository's
@@ -25,6 +26,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from metrics import definitions as d
 from tests.conftest import ROOT
 
 README = ROOT / "README.md"
@@ -236,3 +238,57 @@ def test_the_readme_block_runs_as_written(block: Block, workdir: Path) -> None:
                 assert re.search(pattern, stdout, re.MULTILINE), f"{block}: {pattern!r} not in its output:\n{stdout[-4000:]}"
     _ports_free_or_fail(wait_s=30)  # all stopped: the next block finds the ports as this one did
 
+
+# -- the metric tables are the definitions -----------------------------------------------------------------
+
+
+def _section(text: str, title: str) -> str:
+    start = text.index(f"\n{title}\n")
+    end = re.compile(r"^#{2,3} ", re.MULTILINE).search(text, start + len(title) + 2)
+    return text[start : end.start() if end else len(text)]
+
+
+def _table(section: str, header: str) -> list[list[str]]:
+    """The rows of the table under ``header`` in ``section``, each a list of its cells."""
+    lines = section[section.index(header) :].splitlines()[2:]
+    rows = []
+    for line in lines:
+        if not line.startswith("|"):
+            break
+        rows.append([cell.strip() for cell in line.strip().strip("|").split("|")])
+    return rows
+
+
+def test_the_cloudwatch_table_is_what_the_proxy_publishes() -> None:
+    """Every invocation metric with a CloudWatch name (metrics/definitions.py) is a row, with its unit, and
+    every row is published; the instance metrics have their own table, and the component names the text."""
+    text = README.read_text()
+    published = {m.cloudwatch_name: m.unit for m in d.ALL_METRICS if m.cloudwatch_name and m not in d.HOST_METRICS}
+    rows = _table(_section(text, "## CloudWatch"), "| metric | unit | per invocation |")
+    table = {name.strip(): unit for names, unit, _ in rows for name in names.split(",")}
+    assert len(table) == sum(len(names.split(",")) for names, _, _ in rows), "a metric listed twice"
+    assert set(table) - set(published) == set(), "rows of the README's CloudWatch table that nothing publishes"
+    assert set(published) - set(table) == set(), "published to CloudWatch, missing from the README's table (## CloudWatch)"
+    assert table == published, "units differ"
+    for m in d.ALL_METRICS:
+        if m.component_cloudwatch_name:
+            assert f"`{m.component_cloudwatch_name}`" in text, m.component_cloudwatch_name
+    instance = _table(_section(text, "## Instance metrics"), "| SageMaker (CloudWatch) | Prometheus (gauge) | what it is |")
+    assert {row[0]: row[1].strip("`") for row in instance} == {m.cloudwatch_name: m.prometheus_name for m in d.HOST_METRICS}
+
+
+def test_the_metric_tables_pair_each_cloudwatch_name_with_its_prometheus_name() -> None:
+    by_cloudwatch = {m.cloudwatch_name: m.prometheus_name for m in d.ALL_METRICS if m.cloudwatch_name}
+    rows = [
+        row
+        for header in ("| SageMaker (CloudWatch) | Prometheus | recorded per invocation |", "| SageMaker (CloudWatch) | Prometheus | recorded per streamed invocation |")
+        for row in _table(_section(README.read_text(), "## Metrics"), header)
+    ]
+    assert len(rows) >= 12
+    for cloudwatch, prometheus, _ in rows:
+        name = re.match(r"`([a-z0-9_]+)`", prometheus)
+        assert name is not None, prometheus
+        if cloudwatch:
+            assert by_cloudwatch[cloudwatch] == name[1], (cloudwatch, prometheus)
+        else:
+            assert name[1] not in by_cloudwatch.values(), f"{name[1]} has a CloudWatch name; the table leaves it out"
