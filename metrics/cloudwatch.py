@@ -230,6 +230,15 @@ class CloudWatchPublisher:
             log.warning("CloudWatch publish failed (%s): %s; will retry", reason, message)
 
 
+def default_region() -> str | None:
+    """The region boto3 takes when none is given: ``AWS_DEFAULT_REGION``, else the AWS config file's profile.
+    botocore reads no ``AWS_REGION`` for it, and without a region every call fails before it is sent."""
+    import botocore.session
+
+    region = botocore.session.get_session().get_config_variable("region")
+    return str(region) if region else None
+
+
 def classify(error: Exception) -> tuple[str, str]:
     """(reason label, one-line message) for a failed PutMetricData."""
     from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError, PartialCredentialsError

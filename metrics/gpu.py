@@ -41,7 +41,7 @@ class Gpus:
     def open(cls, nvml: Any) -> Gpus | None:
         """Initialise NVML and find the GPUs; None, after one info line, when there are none to watch."""
         if nvml is None:
-            log.info("no GPU metrics: NVML is not installed (pip install 'sagemaker-metrics-proxy[gpu]')")
+            log.info("no GPU metrics: NVML is not installed (pip install nvidia-ml-py, or '.[gpu]' in a clone of the proxy)")
             return None
         try:
             nvml.nvmlInit()

@@ -92,6 +92,10 @@ def _positive_float(raw: str) -> float:
 
 def _upstream(raw: str) -> str:
     parts = urlsplit(raw)
+    if parts.scheme == "https":
+        raise ValueError(
+            f"TLS to the model is not supported: the proxy speaks plain HTTP to it, as a sidecar on loopback or a private network; give http://host:port, got {raw!r}"
+        )
     if parts.scheme != "http":
         raise ValueError(f"must be an http:// URL of the model server, got {raw!r}")
     try:
@@ -425,6 +429,13 @@ class Option:
     switch: bool = False  # takes no value on the command line: present means true
     collect: Callable[[list[Any]], Any] = tuple  # a repeatable flag's parsed values into the field's value
     field: str = ""  # the field's path in the settings, such as cloudwatch.period (set by ``options``)
+    # Options of a group shared by commands: the only command that takes it ("": every one), and its help
+    # there when it says more than ``help`` (such as a value that only that command accepts).
+    only: str = ""
+    help_for: tuple[tuple[str, str], ...] = ()
+
+    def applies_to(self, command: str) -> bool:
+        return not self.only or self.only == command
 
     @property
     def dest(self) -> str:
@@ -469,13 +480,18 @@ def option(
     env_separator: str = ",",
     switch: bool = False,
     collect: Callable[[list[Any]], Any] = tuple,
+    only: str = "",
+    help_for: Mapping[str, str] | None = None,
 ) -> Any:
     """A settings field with its flag: ``default`` is the field's value when neither flag nor environment
-    gives one (none: the option is required)."""
+    gives one (none: the option is required). In a group shared by commands, ``only`` names the one command
+    that takes it, and ``help_for`` a command's own help where it differs."""
     required = default is _MISSING
     if shown is None and not required and default is not None and not absent:
         shown = _show(default)
-    meta = Option(flag, parse, help, shown, absent, required, repeatable, env_separator, switch, collect)
+    meta = Option(
+        flag, parse, help, shown, absent, required, repeatable, env_separator, switch, collect, only=only, help_for=tuple((help_for or {}).items())
+    )
     if required:
         return field(metadata={"option": meta})
     return field(default=default, metadata={"option": meta})
@@ -486,14 +502,16 @@ def group(cls: type) -> Any:
     return field(default_factory=cls, metadata={"group": cls})
 
 
-def options(cls: type, prefix: str = "") -> tuple[Option, ...]:
-    """The options of a settings class, groups included, in declaration order."""
+def options(cls: type, command: str, prefix: str = "") -> tuple[Option, ...]:
+    """The options that ``command`` takes from its settings class, groups included, in declaration order,
+    each with its help for that command."""
     out: list[Option] = []
     for f in dataclasses.fields(cls):
         if "group" in f.metadata:
-            out.extend(options(f.metadata["group"], f"{prefix}{f.name}."))
-        elif "option" in f.metadata:
-            out.append(dataclasses.replace(f.metadata["option"], field=prefix + f.name))
+            out.extend(options(f.metadata["group"], command, f"{prefix}{f.name}."))
+        elif "option" in f.metadata and f.metadata["option"].applies_to(command):
+            opt: Option = f.metadata["option"]
+            out.append(dataclasses.replace(opt, field=prefix + f.name, help=dict(opt.help_for).get(command, opt.help)))
     return tuple(out)
 
 
@@ -509,10 +527,14 @@ class CloudWatchOptions:
     period: int = option("--cloudwatch-period", _period, "seconds per statistic set: 60, or 1, 5, 10, 30 for high-resolution metrics", 60)
     concurrency_period: int | None = option(
         "--cloudwatch-concurrency-period", _period,
-        "`serve`: seconds per statistic set of ConcurrentRequestsPerModel alone, e.g. `10` for a high-resolution metric as SageMaker emits it for fast autoscaling",
-        None, absent="`--cloudwatch-period`",
+        "seconds per statistic set of ConcurrentRequestsPerModel alone, e.g. `10` for a high-resolution metric as SageMaker emits it for fast autoscaling",
+        None, absent="`--cloudwatch-period`", only="serve",
     )
-    region: str | None = option("--cloudwatch-region", str, "AWS region, e.g. from `AWS_REGION`", None, absent="boto3's chain")
+    region: str | None = option(
+        "--cloudwatch-region", str, "AWS region of CloudWatch, such as `us-east-1` (and of SageMaker, for `--instance-count-from sagemaker`); none at all is refused at start",
+        None, absent="`AWS_DEFAULT_REGION` (boto3 reads no `AWS_REGION`), or the AWS config file's",
+        help_for={"monitor": "AWS region of CloudWatch, such as `us-east-1`; none at all is refused at start"},
+    )
     endpoint_url: str | None = option("--cloudwatch-endpoint-url", _http_url, "CloudWatch endpoint, for compatible services and tests", None, absent="AWS")
     buffer_periods: int = option("--cloudwatch-buffer-periods", _int_between(1, 100_000), "ended periods kept while CloudWatch is unreachable; the oldest are dropped beyond", 120)
     token_metrics: bool = option(
@@ -527,7 +549,10 @@ class CloudWatchOptions:
 class SamplingOptions:
     """Sampling the instance metrics (CPU, memory, GPU, disk): the same flags for ``serve`` and ``monitor``."""
 
-    interval: float = option("--sample-interval", _interval(allow_off=True), "seconds between samples of the instance metrics, 0.1 to 3600; `0` turns them off (not for `monitor`)", 10.0)
+    interval: float = option(
+        "--sample-interval", _interval(allow_off=True), "seconds between samples of the instance metrics, 0.1 to 3600", 10.0,
+        help_for={"serve": "seconds between samples of the instance metrics, 0.1 to 3600; `0` turns them off"},
+    )
     watch_cgroups: tuple[str, ...] = option(
         "--watch-cgroup", _cgroup,
         "another container's cgroup, as `/proc/PID/cgroup` shows it, whose CPU and memory add to the instance metrics; repeatable, a comma list in the environment",
@@ -767,8 +792,8 @@ class MonitorSettings:
             raise ConfigError("--sample-interval: must be between 0.1 and 3600 seconds for monitor, got 0")
 
 
-SERVE_OPTIONS = options(Settings)
-MONITOR_OPTIONS = options(MonitorSettings)
+SERVE_OPTIONS = options(Settings, "serve")
+MONITOR_OPTIONS = options(MonitorSettings, "monitor")
 
 
 def add_options(parser: argparse.ArgumentParser, options: Sequence[Option], *, benchmark_switch: bool = True) -> None:
@@ -789,17 +814,19 @@ def add_options(parser: argparse.ArgumentParser, options: Sequence[Option], *, b
         parser.add_argument("--no-count-tokens", dest="count_tokens", action="store_false", help=argparse.SUPPRESS)
 
 
-def _values(cls: type, args: argparse.Namespace, environ: Mapping[str, str], fallbacks: Mapping[str, tuple[str, str]], missing: list[str]) -> dict[str, Any]:
-    """The given values of ``cls``'s options (a dict per group): each from its flag, else its environment
+def _values(
+    cls: type, command: str, args: argparse.Namespace, environ: Mapping[str, str], fallbacks: Mapping[str, tuple[str, str]], missing: list[str]
+) -> dict[str, Any]:
+    """The given values of ``cls``'s options that ``command`` takes (a dict per group): each from its flag, else its environment
     variable, else ``fallbacks`` (dest: (source, raw value)); those given nowhere keep the field's default.
     Raises ConfigError for a bad value; names the required options given nowhere in ``missing``."""
     values: dict[str, Any] = {}
     for f in dataclasses.fields(cls):
         if "group" in f.metadata:
-            values[f.name] = _values(f.metadata["group"], args, environ, fallbacks, missing)
+            values[f.name] = _values(f.metadata["group"], command, args, environ, fallbacks, missing)
             continue
         opt: Option | None = f.metadata.get("option")
-        if opt is None:
+        if opt is None or not opt.applies_to(command):
             continue
         given = getattr(args, opt.dest, None)
         source = opt.flag
@@ -829,7 +856,7 @@ def resolve(args: argparse.Namespace, environ: Mapping[str, str]) -> Settings:
     """The ``serve`` settings: flags, then environment, then defaults; every missing required flag named at
     once. Raises ConfigError."""
     missing: list[str] = []
-    values = _values(Settings, args, environ, {}, missing)
+    values = _values(Settings, "serve", args, environ, {}, missing)
     if values.get("config"):
         given = [flag for flag, key in (("--endpoint-name", "endpoint_name"), ("--upstream", "upstream"), ("--variant", "variant")) if key in values]
         if given:
@@ -870,7 +897,7 @@ def training_environment(environ: Mapping[str, str], resource_config: Path = RES
 def resolve_monitor(args: argparse.Namespace, environ: Mapping[str, str], resource_config: Path = RESOURCE_CONFIG) -> MonitorSettings:
     """The ``monitor`` settings: flags, then environment, then SageMaker's training environment, then defaults."""
     missing: list[str] = []
-    values = _values(MonitorSettings, args, environ, training_environment(environ, resource_config), missing)
+    values = _values(MonitorSettings, "monitor", args, environ, training_environment(environ, resource_config), missing)
     if missing:
         raise ConfigError("; ".join(missing))
     settings: MonitorSettings = _make(MonitorSettings, values)

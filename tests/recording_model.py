@@ -25,7 +25,8 @@ respond=...`` picks the answer, and any custom attributes come back in the respo
 A HEAD request gets the head of the answer (the usual one with its Content-Length) and never a body.
 
 Not recorded, to be called on the model's port directly: ``GET /__received`` answers the JSON list of
-recorded requests (``body`` as a latin-1 string); ``POST /__reset`` clears it.
+recorded requests (``body`` as a latin-1 string); ``POST /__reset`` clears it. Nor is a ``GET`` that the
+proxy did not forward (no ``X-Sagemaker-Metrics-Proxy-Hop``): its own health checks, answered 200.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from typing import Any
 MAX_HEAD = 4 * 1024 * 1024  # the uvicorn path forwards heads of any size; the model must not be the limit
 
 received: list[dict[str, Any]] = []
+HOP_HEADER = "x-sagemaker-metrics-proxy-hop"  # on every request the proxy forwards
 
 
 class BadRequest(Exception):
@@ -131,6 +133,11 @@ async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> 
                 continue
             if method == "POST" and target == "/__reset":
                 received.clear()
+                writer.write(response("200 OK", b"{}", close=False))
+                await writer.drain()
+                continue
+            if method == "GET" and not any(n.lower() == HOP_HEADER for n, _ in request["headers"]):
+                # Not forwarded by a proxy: its own health check (at start, or of several instances).
                 writer.write(response("200 OK", b"{}", close=False))
                 await writer.drain()
                 continue

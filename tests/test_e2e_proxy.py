@@ -297,13 +297,18 @@ def test_request_headers_are_forwarded_without_hop_by_hop(faulty_model: Running,
             b"POST /invocations?x=1 HTTP/1.1\r\nhost: public.example\r\nconnection: keep-alive, x-secret\r\n"
             b"x-secret: drop-me\r\nkeep-alive: timeout=5\r\nx-forwarded-for: 10.0.0.1\r\ncontent-length: 2\r\n\r\n{}"
         )
-        upstream, _ = listener.accept()
-        with upstream:
-            head = b""
-            while b"\r\n\r\n" not in head:
-                head += upstream.recv(65536)
-            upstream.sendall(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: keep-alive\r\nkeep-alive: timeout=5\r\n\r\nok")
-            reply = client.recv(65536)
+        while True:  # the proxy's health check at start may come first, on a connection of its own
+            upstream, _ = listener.accept()
+            with upstream:
+                head = b""
+                while b"\r\n\r\n" not in head and (data := upstream.recv(65536)):
+                    head += data
+                if head.startswith(b"GET /ping "):
+                    upstream.sendall(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n")
+                    continue
+                upstream.sendall(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: keep-alive\r\nkeep-alive: timeout=5\r\n\r\nok")
+                reply = client.recv(65536)
+                break
     listener.close()
     lines = head.split(b"\r\n\r\n")[0].decode().split("\r\n")
     assert lines[0] == "POST /invocations?x=1 HTTP/1.1"
@@ -374,16 +379,22 @@ def test_two_proxies_pointing_at_each_other_stop_at_the_first_loop(model: Runnin
         port, metrics_port = ports[name]
         args = [
             "-m", "proxy", "serve", "--upstream", f"http://127.0.0.1:{ports[other][0]}", "--host", "127.0.0.1", "--port", str(port),
-            "--metrics-port", str(metrics_port), "--endpoint-name", "test-endpoint", "--admin-linger", "0",
+            "--metrics-port", str(metrics_port), "--endpoint-name", "test-endpoint", "--admin-linger", "0", "--unhealthy-threshold", "1",
         ]
         running = start(args, metrics_port, tmp_path / f"{name}.log")
         proxies[name] = Proxy(running.proc, port, running.log, metrics_port)
     try:
         a, b = proxies["a"], proxies["b"]
+        # The health check at start: A's finds B not there yet; B's goes round the loop (B -> A -> B -> A), and A refuses it.
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline and not all("at start" in p.log.read_text() for p in (a, b)):
+            time.sleep(0.1)
+        assert "does not answer GET /ping at start (the model's /ping answered 508;" in b.log.read_text(), b.log.read_text()
+        assert a.value("sagemaker_proxy_rejected_requests_total", reason="loop_detected") == 1
         r = httpx.post(f"{a.url}/invocations", json={"instances": [[5.1, 3.5, 1.4, 0.2]]}, timeout=10)
         assert r.status_code == 508 and "through this proxy already" in r.text
         # A's first pass and B's call are invocations that got the 508; A's second pass is refused, not forwarded.
-        assert a.value("sagemaker_proxy_rejected_requests_total", reason="loop_detected") == 1
+        assert a.value("sagemaker_proxy_rejected_requests_total", reason="loop_detected") == 2
         assert a.value("sagemaker_invocations_total") == 1 and b.value("sagemaker_invocations_total") == 1
         assert b.value("sagemaker_proxy_rejected_requests_total", reason="loop_detected") == 0
     finally:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -102,3 +103,36 @@ def test_bad_monitor_configuration_exits_2_with_one_line(args: list[str], line: 
     assert result.returncode == 2, result.stderr
     [error] = result.stderr.strip().splitlines()
     assert error.startswith(f"sagemaker-metrics-proxy: error: {line}"), error
+
+
+def test_monitor_help_shows_only_what_monitor_takes() -> None:
+    result = run_cli("monitor", "--help")
+    assert result.returncode == 0, result.stderr
+    text = " ".join(result.stdout.split())  # argparse wraps lines
+    assert "monitor" not in text.replace("sagemaker-metrics-proxy monitor", ""), text  # no "(not for monitor)"
+    assert "serve" not in text, text
+    assert "--cloudwatch-concurrency-period" not in text  # ConcurrentRequestsPerModel is the proxy's
+    assert "seconds between samples of the instance metrics, 0.1 to 3600 (default 10)" in text
+    serve = " ".join(run_cli("serve", "--help").stdout.split())
+    assert "0.1 to 3600; 0 turns them off (default 10)" in serve and "--cloudwatch-concurrency-period" in serve
+
+
+def test_monitor_takes_no_flag_of_the_proxy() -> None:
+    result = run_cli("monitor", "--training-job", "j", "--cloudwatch-concurrency-period", "10")
+    assert result.returncode == 2
+    [error] = result.stderr.strip().splitlines()
+    assert error == "sagemaker-metrics-proxy: error: unrecognized arguments: --cloudwatch-concurrency-period 10", error
+
+
+def test_a_taken_metrics_port_names_the_flag() -> None:
+    with socket.socket() as blocker:
+        blocker.bind(("127.0.0.1", 0))
+        blocker.listen()
+        busy = blocker.getsockname()[1]
+        result = run_cli("monitor", "--training-job", "j", "--host", "127.0.0.1", "--metrics-port", str(busy))
+    assert result.returncode == 2
+    [error] = result.stderr.strip().splitlines()
+    assert error == (
+        f"sagemaker-metrics-proxy: error: --metrics-port: cannot listen on 127.0.0.1:{busy}: Address already in use; "
+        "another process has that port: stop it or give another --metrics-port"
+    ), error

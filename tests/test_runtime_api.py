@@ -418,7 +418,7 @@ Instances = ["{model.url}"]
         ("[[Endpoints]]\nEndpointName = 'a'\n[[Endpoints.ProductionVariants]]\nVariantName = 'V'\nInitialVariantWeight = 0\nInstances = ['http://a:1']\n",
          "Endpoints[0].ProductionVariants[0].InitialVariantWeight must be a positive number, got 0"),
         ("[[Endpoints]]\nEndpointName = 'a'\n[[Endpoints.ProductionVariants]]\nVariantName = 'V'\nInstances = ['https://a:1']\n",
-         "Endpoints[0].ProductionVariants[0].Instances must be an http:// URL"),
+         "Endpoints[0].ProductionVariants[0].Instances TLS to the model is not supported"),
         ("[[Endpoints]]\nEndpointName = 'a'\n[[Endpoints.ProductionVariants]]\nVariantName = 'V'\nInstances = ['http://a:1']\nWeight = 2\n",
          "Endpoints[0].ProductionVariants[0].Weight is not a key here"),
         ("[[Endpoints]]\nEndpointName = 'a'\n[[Endpoints.ProductionVariants]]\nVariantName = 'V'\nInstances = ['http://a:1']\n"

@@ -363,8 +363,9 @@ def test_cli_missing_upstream_exits_2() -> None:
 
 
 @pytest.mark.e2e
+@pytest.mark.parametrize("server", ["builtin", "uvicorn"])
 @pytest.mark.parametrize("taken", ["--port", "--metrics-port"])
-def test_cli_port_already_taken_exits_2(taken: str) -> None:
+def test_cli_port_already_taken_exits_2_naming_the_flag(taken: str, server: str) -> None:
     with socket.socket() as blocker:
         blocker.bind(("127.0.0.1", 0))
         blocker.listen()
@@ -373,10 +374,13 @@ def test_cli_port_already_taken_exits_2(taken: str) -> None:
         port, metrics_port = (busy, other) if taken == "--port" else (other, busy)
         result = run_cli(
             "serve", "--upstream", "http://127.0.0.1:1", "--endpoint-name", "e", "--host", "127.0.0.1",
-            "--port", str(port), "--metrics-port", str(metrics_port),
+            "--port", str(port), "--metrics-port", str(metrics_port), "--http-server", server,
         )
         line = assert_one_error_line(result)
-        assert str(busy) in line
+        assert line == (
+            f"{ERROR_PREFIX} {taken}: cannot listen on 127.0.0.1:{busy}: Address already in use; "
+            f"another process has that port: stop it or give another {taken}"
+        ), line
         assert port_is_free(other)
 
 

@@ -4,7 +4,7 @@ On only when an OTLP endpoint is configured, the standard way (``OTEL_EXPORTER_O
 ``OTEL_EXPORTER_OTLP_TRACES_ENDPOINT``, or ``--otel URL``) and ``OTEL_SDK_DISABLED`` is not true; the SDK then
 reads the rest of the standard variables itself (``OTEL_SERVICE_NAME``, ``OTEL_RESOURCE_ATTRIBUTES``,
 ``OTEL_TRACES_SAMPLER`` and its argument, ``OTEL_BSP_*``, ``OTEL_EXPORTER_OTLP_*HEADERS``...). Needs the
-optional extra: ``pip install 'sagemaker-metrics-proxy[otel]'``. Off, nothing here is imported.
+optional extra: ``pip install '.[otel]'`` in a clone of the proxy. Off, nothing here is imported.
 
 Per invocation: a SERVER span continuing the client's W3C trace context, and a CLIENT span for the model
 call whose context goes to the model in ``traceparent``. Spans leave in the background (a batch processor):
@@ -31,6 +31,11 @@ if TYPE_CHECKING:
 log = logging.getLogger("proxy.tracing")
 
 ENDPOINT_VARIABLES = ("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "OTEL_EXPORTER_OTLP_ENDPOINT")
+TIMEOUT_VARIABLES = ("OTEL_EXPORTER_OTLP_TRACES_TIMEOUT", "OTEL_EXPORTER_OTLP_TIMEOUT")
+# Seconds one export may take, its retries included, unless a variable above says otherwise. The SDK's 10 s
+# go to retries with backoff (1, 2, 4 s) when the collector is down, and a batch counts as dropped only when
+# the export gives up: with this bound, after about a second.
+EXPORT_TIMEOUT_S = 2.0
 PROPAGATED = (b"traceparent", b"tracestate", b"baggage")
 
 
@@ -55,7 +60,7 @@ class Tracing:
         except ImportError as e:
             from proxy.errors import ConfigError
 
-            raise ConfigError(f"tracing needs the otel extra: pip install 'sagemaker-metrics-proxy[otel]' ({e})") from None
+            raise ConfigError(f"tracing needs the otel extra: pip install '.[otel]' in a clone of the proxy ({e})") from None
         self._extract, self._inject = extract, inject
         self._server_kind, self._client_kind = SpanKind.SERVER, SpanKind.CLIENT
         self._status, self._error = Status, StatusCode.ERROR
@@ -79,7 +84,8 @@ class Tracing:
 
         resource = Resource.create({SERVICE_NAME: service_name} if not os.environ.get("OTEL_SERVICE_NAME") else {})
         self.provider = TracerProvider(resource=resource)  # the sampler from OTEL_TRACES_SAMPLER, as the SDK reads it
-        processor = BatchSpanProcessor(CountingExporter(endpoint=endpoint) if endpoint else CountingExporter())
+        timeout = None if any(os.environ.get(v) for v in TIMEOUT_VARIABLES) else EXPORT_TIMEOUT_S
+        processor = BatchSpanProcessor(CountingExporter(endpoint=endpoint, timeout=timeout))
 
         class CountingProcessor(type(processor)):  # type: ignore[misc]
             """The batch processor, counting what its full queue pushes out (it drops the oldest, silently)."""

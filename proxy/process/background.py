@@ -58,6 +58,28 @@ def open_host_sampler(sampling: SamplingOptions) -> HostSampler:
         raise ConfigError(f"--watch-cgroup: {e}") from None
 
 
+def check_region(cloudwatch: CloudWatchOptions, needed_by: str) -> None:
+    """Raises ConfigError when ``needed_by`` (a flag) needs an AWS region and none is given or configured:
+    botocore would fail every call, and each failure would be retried as a network error."""
+    from metrics.cloudwatch import default_region
+
+    if cloudwatch.region is None and default_region() is None:
+        raise ConfigError(
+            f"{needed_by} needs an AWS region: give --cloudwatch-region (such as us-east-1), or set AWS_DEFAULT_REGION "
+            "or region in the AWS config file (boto3 does not read AWS_REGION)"
+        )
+
+
+def check_regions(settings: Settings) -> None:
+    """The AWS region of what ``serve`` calls in AWS: CloudWatch, and SageMaker for live instance counts."""
+    if settings.cloudwatch.enabled:
+        check_region(settings.cloudwatch, "--cloudwatch")
+    sources = [v.count_from or settings.instance_count_from for e in settings.endpoints for v in e.variants]
+    sources += [c.count_from or settings.instance_count_from for e in settings.endpoints for _, c in e.components]
+    if any(source.kind == "sagemaker" for source in sources):
+        check_region(settings.cloudwatch, "--instance-count-from sagemaker")
+
+
 def endpoint_host(settings: Settings) -> Host | None:
     """Host ``[endpoint-name]/[variant-name]/[instance-id]``, also published by EndpointName and VariantName."""
     if settings.sampling.interval == 0:

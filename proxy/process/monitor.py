@@ -13,7 +13,7 @@ import socket
 from prometheus_client import CollectorRegistry
 
 from proxy.process.admin import create_admin_app
-from proxy.process.background import Background, Host, training_host
+from proxy.process.background import Background, Host, check_region, training_host
 from proxy.process.serve import bind, listener, setup_logging, stop_on_signals
 from proxy.settings import MonitorSettings
 
@@ -38,7 +38,9 @@ def run(settings: MonitorSettings) -> None:
     import uvloop
 
     setup_logging(settings)
-    admin_sock = bind(settings.host, settings.metrics_port)
+    if settings.cloudwatch.enabled:
+        check_region(settings.cloudwatch, "--cloudwatch")
+    admin_sock = bind(settings.host, settings.metrics_port, "--metrics-port")
     host = training_host(settings)
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
         runner.run(monitor(settings, admin_sock, host))

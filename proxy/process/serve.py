@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 import multiprocessing
 import os
@@ -36,9 +37,9 @@ from proxy.invocation.routes import Routes
 from proxy.invocation.tracing import Tracing
 from proxy.invocation.tracing import wanted as tracing_wanted
 from proxy.process.admin import create_admin_app
-from proxy.process.background import Background, Host, Stream, endpoint_host
+from proxy.process.background import Background, Host, Stream, check_regions, endpoint_host
 from proxy.process.model import ModelProcess, ReadinessGate
-from proxy.process.variant_set import VariantSet, build_variants, component_key, recording_units
+from proxy.process.variant_set import VariantSet, build_variants, component_key, first_ping, recording_units
 from proxy.runtime import api
 from proxy.runtime.sigv4 import CredentialsFile
 from proxy.settings import ConfigError, MonitorSettings, Settings
@@ -181,8 +182,9 @@ def listener(
 ADMIN_REFUSALS = {Fault.TOO_MANY_CONNECTIONS: Fault.ADMIN_TOO_MANY_CONNECTIONS}
 
 
-def bind(host: str, port: int) -> socket.socket:
-    """Bind before serving, so a taken port is a configuration error (exit 2), not a crash."""
+def bind(host: str, port: int, flag: str) -> socket.socket:
+    """Bind before serving, so a taken port is a configuration error (exit 2), not a crash; the error names
+    ``flag``, the option that set the port (and ``--host`` where the address is what failed)."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -190,7 +192,9 @@ def bind(host: str, port: int) -> socket.socket:
         sock.bind((host, port))
     except OSError as e:
         sock.close()
-        raise ConfigError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+        if e.errno == errno.EADDRINUSE:
+            raise ConfigError(f"{flag}: cannot listen on {host}:{port}: {e.strerror}; another process has that port: stop it or give another {flag}") from None
+        raise ConfigError(f"--host and {flag}: cannot listen on {host}:{port}: {e.strerror or e}") from None
     sock.set_inheritable(True)
     return sock
 
@@ -314,6 +318,8 @@ async def serve(settings: Settings, proxy_sock: socket.socket, admin_sock: socke
         if settings.model_command:  # the model stops after the drain, and the port takes no call while it is down
             gate = await pieces.enter_async_context(_gate(settings, variants.clients()))
             await pieces.enter_async_context(_model(settings, registry, background, variants.clients(), status, gate.close))
+        else:  # a model that is down at start is said at once, not at the first request
+            await pieces.enter_async_context(first_ping(settings))
         await proxy_server.serve(proxy_sock)
         await _linger(settings)
     return status.code
@@ -539,6 +545,8 @@ async def _supervise(
         await pieces.enter_async_context(background)
         if settings.model_command:  # stopped after the workers have drained
             await pieces.enter_async_context(_model(settings, own, background, readiness.clients(), status))
+        else:
+            await pieces.enter_async_context(first_ping(settings))
         await pieces.enter_async_context(workers)
         # The admin port answers until every worker has drained, and a little longer: the last scrape sees it all.
         await pieces.enter_async_context(serving(admin_server, admin_sock))
@@ -563,8 +571,9 @@ def run(settings: Settings) -> int:
     import uvloop
 
     setup_logging(settings)
-    proxy_sock = bind(settings.host, settings.port)
-    admin_sock = bind(settings.host, settings.metrics_port)
+    check_regions(settings)
+    proxy_sock = bind(settings.host, settings.port, "--port")
+    admin_sock = bind(settings.host, settings.metrics_port, "--metrics-port")
     host = endpoint_host(settings)
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
         if settings.workers == 1:

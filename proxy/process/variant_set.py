@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Coroutine, Mapping
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Callable, Coroutine, Mapping
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -12,7 +14,7 @@ from metrics.inflight import InFlight
 from metrics.recorder import InvocationMetrics, InvocationRecorder, ModelRecorders
 from metrics.statistics import PeriodStatistics
 from proxy.errors import REJECT_REASONS, UPSTREAM_ERROR_REASONS
-from proxy.http.client import ConnectionPool, ModelClient
+from proxy.http.client import ConnectionPool, ModelClient, ping
 from proxy.settings import Settings, VariantConfig
 from proxy.upstream.balancer import BalancedClient, HealthCheck, HealthyInstanceCount
 from proxy.upstream.instances import (
@@ -24,6 +26,8 @@ from proxy.upstream.instances import (
     sagemaker_client,
 )
 from proxy.upstream.variants import Variant
+
+log = logging.getLogger("proxy")
 
 
 class VariantSet:
@@ -158,3 +162,41 @@ def recording_units(settings: Settings) -> list[tuple[str, str, VariantConfig, s
     units = [(e.name, spec.name, spec, "") for e in settings.endpoints for spec in e.variants]
     units += [(e.name, variant, spec, spec.name) for e in settings.endpoints for variant, spec in e.components]
     return units
+
+
+@contextlib.asynccontextmanager
+async def first_ping(settings: Settings) -> AsyncIterator[None]:
+    """While the block runs: each model instance health-checked at start, in the background, and one warning
+    for each that fails its first checks; else a model that is down says nothing until the first request."""
+    task = asyncio.create_task(_check_each_at_start(settings))
+    try:
+        yield
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+
+async def _check_each_at_start(settings: Settings) -> None:
+    specs = [v for e in settings.endpoints for v in e.variants] + [c for e in settings.endpoints for _, c in e.components]
+    urls = list(dict.fromkeys(url for spec in specs for url in spec.upstreams))
+    await asyncio.gather(*(_check_at_start(url, settings) for url in urls))
+
+
+async def _check_at_start(url: str, settings: Settings) -> None:
+    """``--unhealthy-threshold`` pings, ``--health-check-interval`` apart, as an instance is taken out: a model
+    started beside the proxy (``&`` in a shell, a pod's containers) has that long to listen."""
+    path, tries = settings.ping_path, settings.unhealthy_threshold
+    pool = ConnectionPool(url)
+    try:
+        for attempt in range(tries):
+            why = await ping(pool, path, settings.health_check_timeout)
+            if why is None:
+                return
+            if attempt + 1 < tries:
+                await asyncio.sleep(settings.health_check_interval)
+    finally:
+        await pool.close()
+    log.warning(
+        "the model does not answer GET %s at start (%s; %d checks %g s apart): check that it runs and listens at %s (--upstream), "
+        "and that %s is its health check (--ping-path, --model-server); said once", path, why, tries, settings.health_check_interval, url, path,
+    )
