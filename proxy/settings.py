@@ -539,8 +539,8 @@ class CloudWatchOptions:
     buffer_periods: int = option("--cloudwatch-buffer-periods", _int_between(1, 100_000), "ended periods kept while CloudWatch is unreachable; the oldest are dropped beyond", 120)
     token_metrics: bool = option(
         "--cloudwatch-token-metrics", _bool,
-        "`serve`: publish InputTokens, OutputTokens, TimeToFirstToken and TimePerOutputToken too, for OpenAI-compatible answers (4 custom metrics more per variant: see the README for the cost)",
-        False, absent="off", switch=True,
+        "publish InputTokens, OutputTokens, TimeToFirstToken and TimePerOutputToken too, for OpenAI-compatible answers (4 custom metrics more per variant: see the README for the cost)",
+        False, absent="off", switch=True, only="serve",
     )
     flush_timeout: float = option("--cloudwatch-flush-timeout", _positive_float, "seconds allowed at shutdown to publish the last partial period", 10.0)
 
