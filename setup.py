@@ -15,12 +15,16 @@ In a checkout, ``make compiled`` builds the extensions in place and ``make pure`
 from __future__ import annotations
 
 import ast
+import importlib.util
 import os
 import shutil
 import sys
 import sysconfig
 
+from importlib.machinery import EXTENSION_SUFFIXES
+
 from setuptools import setup
+from setuptools.command.build import build
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -48,6 +52,10 @@ def why_not() -> str | None:
         import mypyc.build  # noqa: F401
     except ImportError:
         return "mypyc is not installed (it comes with mypy)"
+    # mypyc compiles from the types it sees: without these, their classes would be Any to it (pyproject's build requires).
+    missing = [name for name in ("httptools", "prometheus_client") if importlib.util.find_spec(name) is None]
+    if missing:
+        return f"{', '.join(missing)} not installed where the build runs (the compiled modules import them)"
     if not os.path.exists(os.path.join(sysconfig.get_paths()["include"], "Python.h")):
         return f"no Python headers in {sysconfig.get_paths()['include']} (Debian: python3-dev)"
     cc = (sysconfig.get_config_var("CC") or "cc").split()[0]
@@ -71,5 +79,18 @@ def extensions(mode: str) -> list:
     return mypycify(compiled_paths(), opt_level="3", debug_level="0", group_name=GROUP)
 
 
+class BuildFresh(build):
+    """``build``, less the extensions an earlier build left in the build directory: a wheel holds what its
+    build lib holds, so a pure build after a compiled one would ship stale compiled modules."""
+
+    def run(self) -> None:
+        for package in ("proxy", "metrics"):
+            for root, _, files in os.walk(os.path.join(self.build_lib, package)):
+                for name in files:
+                    if name.endswith(tuple(EXTENSION_SUFFIXES)):
+                        os.remove(os.path.join(root, name))
+        super().run()
+
+
 if __name__ == "__main__":  # as pip and setuptools run it; tests import it
-    setup(ext_modules=extensions(os.environ.get("SAGEMAKER_PROXY_COMPILE", "")))
+    setup(ext_modules=extensions(os.environ.get("SAGEMAKER_PROXY_COMPILE", "")), cmdclass={"build": BuildFresh})
