@@ -206,7 +206,7 @@ fi
     fail "the image lost its USER or HEALTHCHECK: $(podman image inspect --format '{{.User}} {{json .HealthCheck}}' "$IMAGE")"
 
 stage "check: the compiled build, and no build tools in the image"
-version=$(podman run --rm "$IMAGE" --version 2>&1) || fail "--version failed: $version"
+version=$(podman run --rm "$IMAGE" --version 2>"$WORK/version.log") || fail "--version failed: $version" "$WORK/version.log"
 [[ $version == *"compiled build"* ]] || fail "the image does not run the compiled build: $version"
 echo "image-test: $version" >&2
 if podman run --rm --entrypoint sh "$IMAGE" -c 'command -v gcc || command -v cc' >/dev/null 2>&1; then
