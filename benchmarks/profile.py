@@ -36,10 +36,12 @@ LIBRARIES = {
 
 # CPython's own time, split by what its functions do (perf's symbol names).
 CPYTHON = (
-    ("CPython: allocating and freeing objects", r"Malloc|Free|alloc|dealloc|GC_|_New|NewReference|Clear|free_keys"),
+    ("CPython: the eval loop, running Python byte code", r"_PyEval_EvalFrameDefault"),
+    ("CPython: allocating and freeing objects", r"Malloc|Free|alloc|Alloc|dealloc|GC_|_New|NewReference|Clear|free_keys"),
     ("CPython: attribute and method lookups, dicts", r"Lookup|GetAttr|SetAttr|GetMethod|dict|Dict|lookup|insertdict"),
     ("CPython: calls into Python objects (futures, transports, the loop)", r"Vectorcall|Call|call|Send|Frame|initialize_locals"),
-    ("CPython: the eval loop (what is still Python: asyncio's tasks, dataclasses' __init__)", r"_PyEval_EvalFrameDefault"),
+    ("CPython: ints, bytes, str, tuples, lists, comparisons, type checks",
+     r"Long|long|Bytes|bytes|Unicode|unicode|Tuple|tuple|List|list|Compare|IsTrue|IsSubtype|IsInstance|Number|Float|Bool|Format|Join|Slice|Iter"),
 )
 
 
