@@ -12,16 +12,26 @@
 # this container as its child and forwards to it; without it, the model is another container.
 
 FROM python:3.11-slim-bookworm AS build
+# A C compiler for the compiled build (mypyc, setup.py), in this stage only; Python's headers come with the
+# python image (Debian's own python, as in the image test's stand-in base, needs python3-dev for them).
+# hadolint ignore=DL3008
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends gcc libc6-dev \
+    && if [ ! -e "$(python -c 'import sysconfig; print(sysconfig.get_paths()["include"])')/Python.h" ]; then \
+        apt-get install -y --no-install-recommends python3-dev; fi \
+    && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
-COPY pyproject.toml README.md ./
+COPY pyproject.toml setup.py README.md ./
 COPY proxy ./proxy
 COPY metrics ./metrics
 COPY example_model ./example_model
 # The secret is mounted only for this step and never lands in a layer; without it, pip uses its own CAs.
+# SAGEMAKER_PROXY_COMPILE=1: the compiled build or a failed build, never a silent fallback to pure Python.
 RUN --mount=type=secret,id=pip_ca \
     if [ -s /run/secrets/pip_ca ]; then export PIP_CERT=/run/secrets/pip_ca; fi \
     && python -m venv /opt/venv \
-    && /opt/venv/bin/pip install --no-cache-dir ".[gpu]"
+    && SAGEMAKER_PROXY_COMPILE=1 /opt/venv/bin/pip install --no-cache-dir ".[gpu]" \
+    && case "$(/opt/venv/bin/sagemaker-metrics-proxy --version)" in *"compiled build"*) ;; *) exit 1 ;; esac
 
 FROM python:3.11-slim-bookworm
 # Not `proxy`: Debian's base-passwd already has a system user of that name (uid 13).

@@ -2,11 +2,13 @@
 
     python -m benchmarks.run [--quick] [--out benchmarks/results]
 
-Every scenario drives each target with wrk, interleaved (direct, nginx, proxy, proxy-uvicorn, ...)
-for several rounds, and reports medians as ratios: the machine is shared and noisy, so only numbers
-taken side by side in one run are compared. "proxy" is the proxy as shipped (its default HTTP
-server, the built-in one); "proxy-uvicorn" is the same proxy with --http-server uvicorn, the
-reference it replaces. Writes results.json, results.md and results.png.
+Every scenario drives each target with wrk, interleaved (direct, nginx, proxy, proxy-pure, proxy-uvicorn,
+...) for several rounds, and reports medians as ratios: the machine is shared and noisy, so only numbers
+taken side by side in one run are compared. "proxy" is the proxy as shipped: the compiled build (mypyc)
+and its default HTTP server, the built-in one; "proxy-pure" is the same proxy as pure Python; "proxy-uvicorn"
+is the compiled proxy with --http-server uvicorn, the reference the built-in server replaces. Both builds
+are made from this checkout in a temporary directory (benchmarks.builds). Writes results.json, results.md
+and results.png.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from typing import IO
 import psutil
 from prometheus_client.parser import text_string_to_metric_families
 
+from benchmarks.builds import build_trees
 from proxy.process.children import free_port, started, wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -81,16 +84,19 @@ SCENARIOS = (
     Scenario("OpenAI token stream, 10 tokens at once, 16 connections", 16, "openai", "token counting"),
     Scenario("OpenAI token stream, 10 tokens 1 ms apart, 16 connections", 16, "openai-paced", "token counting, chunk by chunk"),
 )
-# The proxy targets and their serve flags. "proxy" is the default (built-in) HTTP server.
+# The proxy targets and their serve flags, all on the compiled build but proxy-pure. "proxy" is the default
+# (built-in) HTTP server.
 PROXY_TARGETS: dict[str, tuple[str, ...]] = {
     "proxy": (),
+    "proxy-pure": (),
     "proxy-uvicorn": ("--http-server", "uvicorn"),
     "proxy-no-metrics": ("--no-record-metrics",),
     "proxy-2-workers": ("--workers", "2"),
     "proxy-no-tokens": ("--no-count-tokens",),
 }
+PURE_TARGETS = frozenset({"proxy-pure"})
 # Targets in every scenario.
-MAIN_TARGETS = ("direct", "nginx", "proxy", "proxy-uvicorn")
+MAIN_TARGETS = ("direct", "nginx", "proxy", "proxy-pure", "proxy-uvicorn")
 # Extra targets run only where they answer a question: what recording costs, what a second worker gives.
 EXTRA_TARGETS = {
     "trivial, 16 connections": ("proxy-no-metrics", "proxy-2-workers"),
@@ -100,6 +106,10 @@ EXTRA_TARGETS = {
 }
 # The goal for the built-in server: at most this much of uvicorn's CPU per request in this scenario.
 CPU_GOAL = ("trivial, 16 connections", 0.7)
+# The compiled build against pure Python: CPU per request at 16 connections, added p50 at 1 connection (at most);
+# and the aims against nginx, the same two measures (at most this many times nginx's).
+COMPILED_GOALS = {"cpu": ("trivial, 16 connections", 0.65), "p50": ("trivial, 1 connection", 0.75)}
+NGINX_AIMS = {"cpu": ("trivial, 16 connections", 2.5), "p50": ("trivial, 1 connection", 3.0)}
 
 
 @dataclass
@@ -130,9 +140,9 @@ class Result:
         return statistics.median(values) if values else None
 
 
-def process(args: list[str], port: int, log: IO[bytes] | None = None) -> AbstractContextManager[subprocess.Popen[bytes]]:
-    """A target or the model, started from the repository and stopped when the block ends."""
-    return started(args, port, "benchmark: a process", log=log, cwd=ROOT)
+def process(args: list[str], port: int, log: IO[bytes] | None = None, cwd: Path = ROOT) -> AbstractContextManager[subprocess.Popen[bytes]]:
+    """A target or the model, started from the repository (or ``cwd``, a build of it) and stopped when the block ends."""
+    return started(args, port, "benchmark: a process", log=log, cwd=cwd)
 
 
 NGINX_CONF = """
@@ -306,9 +316,11 @@ def main(argv: list[str] | None = None) -> int:
         nginx_port = free_port()
         ngx = stack.enter_context(nginx(model_port, nginx_port, workdir))
         targets["nginx"] = Target("nginx", nginx_port, ngx.pid)
+        trees = build_trees(workdir)
         for name, extra in PROXY_TARGETS.items():
             port, metrics_port = free_port(), free_port()
-            proc = stack.enter_context(process(proxy_args(model_port, port, metrics_port, *extra), metrics_port))
+            tree = trees["pure" if name in PURE_TARGETS else "compiled"]
+            proc = stack.enter_context(process(proxy_args(model_port, port, metrics_port, *extra), metrics_port, cwd=tree))
             wait_for(port, proc)
             targets[name] = Target(name, port, proc.pid, metrics_port)
 
@@ -414,6 +426,15 @@ def build_report(results: dict[tuple[str, str], Result], rss: dict[str, float], 
             uvicorn_rps = results[(scenario.name, "proxy-uvicorn")].median("rps")
             entries["proxy"]["throughput_vs_uvicorn"] = _ratio(results[(scenario.name, "proxy")].median("rps"), uvicorn_rps)
             entries["proxy"]["cpu_vs_uvicorn"] = _ratio(cpu_per_1000.get("proxy"), cpu_per_1000.get("proxy-uvicorn"))
+        if "proxy" in entries and "proxy-pure" in entries:
+            # The compiled build against pure Python, and each against nginx: CPU per request and added p50.
+            p, pure, n = entries["proxy"], entries["proxy-pure"], entries["nginx"]
+            p["throughput_vs_pure"] = _ratio(_num(p["rps"]), _num(pure["rps"]))
+            p["cpu_vs_pure"] = _ratio(cpu_per_1000.get("proxy"), cpu_per_1000.get("proxy-pure"))
+            p["added_p50_vs_pure"] = _ratio(_num(p["added_p50_us"]), _num(pure["added_p50_us"]))
+            for e in (p, pure):
+                e["cpu_vs_nginx"] = _ratio(_num(e["cpu_s_per_1000"]), cpu_per_1000.get("nginx"))
+                e["added_p50_vs_nginx"] = _ratio(_num(e["added_p50_us"]), _num(n["added_p50_us"]))
         rows.append(row)
     goal_scenario, goal_max = CPU_GOAL
     goal_row = next(r for r in rows if r["scenario"] == goal_scenario)
@@ -427,12 +448,34 @@ def build_report(results: dict[tuple[str, str], Result], rss: dict[str, float], 
         "value": goal_value,
         "met": isinstance(goal_value, float) and goal_value <= goal_max,
     }
+    goals = [
+        _goal(rows, f"compiled / pure, CPU per request ({COMPILED_GOALS['cpu'][0]})", COMPILED_GOALS["cpu"], "cpu_vs_pure"),
+        _goal(rows, f"compiled / pure, added p50 ({COMPILED_GOALS['p50'][0]})", COMPILED_GOALS["p50"], "added_p50_vs_pure"),
+        _goal(rows, f"aim: compiled / nginx, CPU per request ({NGINX_AIMS['cpu'][0]})", NGINX_AIMS["cpu"], "cpu_vs_nginx"),
+        _goal(rows, f"aim: compiled / nginx, added p50 ({NGINX_AIMS['p50'][0]})", NGINX_AIMS["p50"], "added_p50_vs_nginx"),
+    ]
     machine = f"{os.cpu_count()} CPUs, {psutil.virtual_memory().total / 2**30:.0f} GiB, {platform_line()}"
     return {
         "machine": machine, "seconds_per_run": seconds, "rounds": rounds,
-        "targets": {"direct": "the example model", "nginx": "nginx, one worker", **{k: " ".join(("serve", *v)) for k, v in PROXY_TARGETS.items()}},
-        "scenarios": rows, "cpu_goal": cpu_goal, "peak_rss_mb": rss, "memory_soak": soak,
+        "targets": {
+            "direct": "the example model", "nginx": "nginx, one worker",
+            **{k: " ".join(("serve", *v, "(pure Python)" if k in PURE_TARGETS else "(compiled)")) for k, v in PROXY_TARGETS.items()},
+        },
+        "scenarios": rows, "cpu_goal": cpu_goal, "goals": goals, "peak_rss_mb": rss, "memory_soak": soak,
     }
+
+
+def _goal(rows: list[dict[str, object]], what: str, goal: tuple[str, float], key: str) -> dict[str, object]:
+    """The compiled proxy's ``key`` in the goal's scenario against its bound (at most)."""
+    scenario, bound = goal
+    proxy = next(r for r in rows if r["scenario"] == scenario)["proxy"]
+    assert isinstance(proxy, dict)
+    value = proxy.get(key)
+    return {"what": what, "max": bound, "value": value, "met": isinstance(value, float) and value <= bound}
+
+
+def _num(value: object) -> float | None:
+    return float(value) if isinstance(value, float | int) else None
 
 
 def _ratio(a: float | None, b: float | None) -> float | None:
@@ -465,35 +508,44 @@ def render_markdown(report: dict[str, object]) -> str:
     lines = [
         *smoke,
         f"Machine: {report['machine']}. wrk, {report['rounds']} round(s) of {report['seconds_per_run']:g} s per target, interleaved; medians."
-        " proxy: the default (built-in) HTTP server; proxy-uvicorn: --http-server uvicorn.",
+        " proxy: the compiled build (mypyc) and the default (built-in) HTTP server; proxy-pure: the same as pure Python;"
+        " proxy-uvicorn: the compiled build with --http-server uvicorn.",
         "",
         "Throughput:",
         "",
-        "| scenario | direct req/s | nginx req/s | proxy req/s | proxy-uvicorn req/s | proxy / direct | proxy / nginx | proxy-uvicorn / nginx | proxy / proxy-uvicorn |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| scenario | direct req/s | nginx req/s | proxy req/s | proxy-pure req/s | proxy-uvicorn req/s | proxy / direct | proxy / nginx"
+        " | proxy-pure / nginx | proxy-uvicorn / nginx | proxy / proxy-pure | proxy / proxy-uvicorn |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for row in rows:
-        d, n, p, u = row["direct"], row["nginx"], row["proxy"], row["proxy-uvicorn"]
+        d, n, p, c, u = row["direct"], row["nginx"], row["proxy"], row["proxy-pure"], row["proxy-uvicorn"]
         lines.append(
-            f"| {row['scenario']} | {d['rps']:,.0f} | {n['rps']:,.0f} | {p['rps']:,.0f} | {u['rps']:,.0f} | {p['throughput_vs_direct']:.2f} | "
-            f"{p['throughput_vs_nginx']:.2f} | {u['throughput_vs_nginx']:.2f} | {_fmt(p.get('throughput_vs_uvicorn'), '.2f')} |"
+            f"| {row['scenario']} | {d['rps']:,.0f} | {n['rps']:,.0f} | {p['rps']:,.0f} | {c['rps']:,.0f} | {u['rps']:,.0f} | {p['throughput_vs_direct']:.2f} | "
+            f"{p['throughput_vs_nginx']:.2f} | {c['throughput_vs_nginx']:.2f} | {u['throughput_vs_nginx']:.2f} | "
+            f"{_fmt(p.get('throughput_vs_pure'), '.2f')} | {_fmt(p.get('throughput_vs_uvicorn'), '.2f')} |"
         )
     lines += [
         "",
-        "Latency added over calling the model directly, and CPU per request (nginx / proxy / proxy-uvicorn):",
+        "Latency added over calling the model directly, and CPU per request (nginx / proxy / proxy-pure / proxy-uvicorn):",
         "",
-        "| scenario | added p50 us | added p99 us | CPU s per 1k req | CPU proxy / proxy-uvicorn |",
-        "|---|---:|---:|---:|---:|",
+        "| scenario | added p50 us | added p99 us | CPU s per 1k req | CPU proxy / proxy-pure | added p50 proxy / proxy-pure"
+        " | CPU proxy / nginx | CPU proxy / proxy-uvicorn |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for row in rows:
-        n, p, u = row["nginx"], row["proxy"], row["proxy-uvicorn"]
+        n, p, c, u = row["nginx"], row["proxy"], row["proxy-pure"], row["proxy-uvicorn"]
         lines.append(
-            f"| {row['scenario']} | {n['added_p50_us']:,.0f} / {p['added_p50_us']:,.0f} / {u['added_p50_us']:,.0f} | "
-            f"{n['added_p99_us']:,.0f} / {p['added_p99_us']:,.0f} / {u['added_p99_us']:,.0f} | "
-            f"{_fmt(n['cpu_s_per_1000'], '.3f')} / {_fmt(p['cpu_s_per_1000'], '.3f')} / {_fmt(u['cpu_s_per_1000'], '.3f')} | "
+            f"| {row['scenario']} | {n['added_p50_us']:,.0f} / {p['added_p50_us']:,.0f} / {c['added_p50_us']:,.0f} / {u['added_p50_us']:,.0f} | "
+            f"{n['added_p99_us']:,.0f} / {p['added_p99_us']:,.0f} / {c['added_p99_us']:,.0f} / {u['added_p99_us']:,.0f} | "
+            + " / ".join(_fmt(e["cpu_s_per_1000"], ".3f") for e in (n, p, c, u)) + " | "
+            f"{_fmt(p.get('cpu_vs_pure'), '.2f')} | {_fmt(p.get('added_p50_vs_pure'), '.2f')} | {_fmt(p.get('cpu_vs_nginx'), '.2f')} | "
             f"{_fmt(p.get('cpu_vs_uvicorn'), '.2f')} |"
         )
     lines.append("")
+    goals = report.get("goals") or []
+    assert isinstance(goals, list)
+    for g in goals:
+        lines.append(f"- Goal, {g['what']}: {_fmt(g['value'], '.2f')}, at most {g['max']:g}: " + ("met." if g["met"] else "NOT met."))
     goal = report["cpu_goal"]
     assert isinstance(goal, dict)
     lines.append(
@@ -518,7 +570,7 @@ def render_markdown(report: dict[str, object]) -> str:
         + "; ".join(
             f"{name} {_fmt(_add(trivial[name]['model_latency_mean_us'], trivial[name]['overhead_latency_mean_us']), ',.0f')} us"
             f" against {trivial[name]['mean_us']:,.0f} us"
-            for name in ("proxy", "proxy-uvicorn")
+            for name in ("proxy", "proxy-pure", "proxy-uvicorn")
         )
         + "."
     )
@@ -562,18 +614,18 @@ def chart(report: dict[str, object], path: Path) -> None:
     assert isinstance(rows, list)
     labels = [r["scenario"].replace(", ", "\n").replace(" (", "\n(") for r in rows]
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(12, 8))
-    width = 0.2
+    width = 0.16
     xs = range(len(rows))
     colours = {name: f"C{i}" for i, name in enumerate(MAIN_TARGETS)}  # one colour per target in both panels
     if report.get("quick"):
         fig.suptitle("SMOKE RUN (--quick: 1 round of 2 s): not for comparisons; make bench for numbers", color="red")
     for i, name in enumerate(MAIN_TARGETS):
-        top.bar([x + (i - 1.5) * width for x in xs], [r[name]["rps"] for r in rows], width, label=name, color=colours[name])
+        top.bar([x + (i - (len(MAIN_TARGETS) - 1) / 2) * width for x in xs], [r[name]["rps"] for r in rows], width, label=name, color=colours[name])
     top.set_ylabel("requests/s (median)")
     top.set_title("Throughput")
     top.legend()
     for i, name in enumerate(MAIN_TARGETS[1:]):
-        bottom.bar([x + (i - 1) * width for x in xs], [r[name]["added_p50_us"] for r in rows], width, label=name, color=colours[name])
+        bottom.bar([x + (i - (len(MAIN_TARGETS) - 2) / 2) * width for x in xs], [r[name]["added_p50_us"] for r in rows], width, label=name, color=colours[name])
     bottom.set_ylabel("added p50 latency, us")
     bottom.set_title("Latency added over calling the model directly")
     bottom.legend()

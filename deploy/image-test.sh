@@ -6,7 +6,8 @@
 #   - every process in the container runs as uid 10001;
 #   - `podman stop` returns within 10 s, the container exits 0, and the model was stopped cleanly
 #     (it logs uvicorn's "Finished server process [<its pid>]", which a SIGKILL never gets to print);
-#   - a second container whose model is killed (kill -9) exits non-zero on its own.
+#   - a second container whose model is killed (kill -9) exits non-zero on its own;
+#   - `--version` says the image runs the compiled build (mypyc), and the image has no C compiler.
 #
 # Needs root on Debian 12 (bookworm) or alike; no Docker daemon and no registry access. It installs podman,
 # buildah, runc and mmdebstrap with apt-get when they are missing. When python:3.11-slim-bookworm cannot be
@@ -203,6 +204,14 @@ fi
 "${build[@]}" . >"$WORK/build.log" 2>&1 || fail "buildah build failed" "$WORK/build.log"
 [[ $(podman image inspect --format '{{.User}} {{json .HealthCheck.Test}}' "$IMAGE") == "10001 "*healthz* ]] ||
     fail "the image lost its USER or HEALTHCHECK: $(podman image inspect --format '{{.User}} {{json .HealthCheck}}' "$IMAGE")"
+
+stage "check: the compiled build, and no build tools in the image"
+version=$(podman run --rm "$IMAGE" --version 2>"$WORK/version.log") || fail "--version failed: $version" "$WORK/version.log"
+[[ $version == *"compiled build"* ]] || fail "the image does not run the compiled build: $version"
+echo "image-test: $version" >&2
+if podman run --rm --entrypoint sh "$IMAGE" -c 'command -v gcc || command -v cc' >/dev/null 2>&1; then
+    fail "the image has a C compiler: build tools belong in the build stage only"
+fi
 
 # --- Run ----------------------------------------------------------------------------------------------------
 # Two containers: one for the requests and a clean stop, one whose model gets killed. Ports are published

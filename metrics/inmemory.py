@@ -99,8 +99,17 @@ class SharedCounterChild(CounterChild):
         self.slot.write(self.value)
 
 
-class SharedGaugeChild(SharedCounterChild, GaugeChild):
-    __slots__ = ()
+class SharedGaugeChild(GaugeChild):
+    # One base, not SharedCounterChild too: a compiled (mypyc) class has a single base class.
+    __slots__ = ("slot",)
+
+    def __init__(self, slot: Slot) -> None:
+        super().__init__()
+        self.slot = slot
+
+    def inc(self, amount: float = 1.0) -> None:
+        self.value += amount
+        self.slot.write(self.value)
 
     def dec(self, amount: float = 1.0) -> None:
         self.value -= amount

@@ -19,6 +19,13 @@ from prometheus_client.parser import text_string_to_metric_families
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def pytest_report_header() -> str:
+    """Which build the suite runs on: compiled (mypyc) or pure Python (``make compiled``, ``make pure``)."""
+    from proxy.process.build import describe
+
+    return describe()
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -15,11 +15,13 @@ import httpx
 import pytest
 import yaml
 
+from proxy.process.build import build
 from proxy.settings import SERVE_OPTIONS
 from tests.conftest import ROOT, free_port, wait_for_port
 
 DEPLOY = ROOT / "deploy"
 ENV_NAMES = {option.env for option in SERVE_OPTIONS} | {"SAGEMAKER_PROXY_MODEL_COMMAND"}
+BUILD_ENV_NAMES = {"SAGEMAKER_PROXY_COMPILE"}  # setup.py's, read at install time
 BIN = Path(sys.executable).parent
 
 
@@ -47,7 +49,15 @@ def test_dockerfile_runs_as_non_root_with_a_healthcheck_on_healthz() -> None:
     for source in re.findall(r"^COPY (?!--from)(\S+)", text, re.M):
         assert (ROOT / source).exists(), source
     for name in re.findall(r"\b(SAGEMAKER_PROXY_[A-Z_]+)=", text):
-        assert name in ENV_NAMES, name
+        assert name in ENV_NAMES | BUILD_ENV_NAMES, name
+
+
+def test_dockerfile_installs_the_compiled_build_with_build_tools_in_the_build_stage_only() -> None:
+    text = (ROOT / "Dockerfile").read_text()
+    build_stage, final_stage = text.split("\nFROM ", 2)[1:]
+    assert "SAGEMAKER_PROXY_COMPILE=1 /opt/venv/bin/pip install" in build_stage and "gcc" in build_stage
+    assert "COPY pyproject.toml setup.py" in build_stage
+    assert "gcc" not in final_stage and "apt-get" not in final_stage
 
 
 # Users and groups of Debian's base-passwd (/usr/share/base-passwd/*.master) and apt's _apt: in every Debian base.
@@ -147,8 +157,13 @@ def test_a_clean_install_starts_the_console_script(tmp_path: Path) -> None:
     target = tmp_path / "venv"
     venv.EnvBuilder(with_pip=True).create(target)
     python = target / "bin" / "python"
-    install = subprocess.run([str(python), "-m", "pip", "install", "-q", str(ROOT)], capture_output=True, text=True, timeout=600)
+    # The build this suite runs on: compiled (pip compiles at install time; about a minute) or pure Python.
+    which = build()
+    env = {**os.environ, "SAGEMAKER_PROXY_COMPILE": "1" if which == "compiled" else "0"}
+    install = subprocess.run([str(python), "-m", "pip", "install", "-q", str(ROOT)], capture_output=True, text=True, timeout=600, env=env)
     assert install.returncode == 0, install.stdout + install.stderr
+    version = subprocess.run([str(target / "bin" / "sagemaker-metrics-proxy"), "--version"], cwd=tmp_path, capture_output=True, text=True)
+    assert ("compiled build" if which == "compiled" else "pure-Python build") in version.stdout, version
     model_port, port, metrics_port = free_port(), free_port(), free_port()
     # Run from an empty directory, so only the installed package can be imported.
     model = subprocess.Popen([str(python), "-m", "example_model", "--host", "127.0.0.1", "--port", str(model_port)], cwd=tmp_path)

@@ -44,9 +44,25 @@ class ModelClient(Protocol):
         """False when no model instance can take a request (nothing is sent then: a 503, not an invocation)."""
         ...
 
-    async def request(self, method: bytes, target: bytes, headers: Headers, body: Body) -> ModelResponse: ...
+    async def request(self, method: bytes, target: bytes, headers: Headers, body: Body) -> UpstreamResponse: ...
 
     async def close(self) -> None: ...
+
+
+class UpstreamResponse(Protocol):
+    """What the request path reads of a model's response (``ModelResponse`` here; a fake in tests). A protocol,
+    not the class: in the compiled build a parameter typed with a class accepts only that class."""
+
+    status: int
+    headers: Headers
+    complete: bool
+    streamed: bool
+
+    def take_buffered(self) -> bytes: ...
+
+    async def read(self) -> bytes: ...
+
+    def close(self) -> None: ...
 
 
 class ModelResponse:

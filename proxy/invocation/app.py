@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from proxy.errors import Fault, UpstreamError
-from proxy.http.client import GATHER_BYTES, ModelResponse
+from proxy.http.client import GATHER_BYTES, UpstreamResponse
 from proxy.invocation.access import log_access
 from proxy.invocation.admission import Admission, queue
 from proxy.invocation.front import Front, RuntimeFront
@@ -222,7 +222,7 @@ class ProxyApp:
         if loop is None or not loop.is_running():
             # asyncio.get_running_loop() makes a getpid() system call each time (a fork check): once per loop here.
             loop = self._loop = asyncio.get_running_loop()
-        response: ModelResponse | None = None
+        response: UpstreamResponse | None = None
         spans: tuple[Any, Any, int] | None = None
         guard = Guard(loop, self._deadlines, scope, receive)
         try:  # from here the slot at the model is given back, and the invocation recorded, whatever happens

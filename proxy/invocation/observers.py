@@ -9,7 +9,7 @@ invocation record or the variant's recorder; the client never waits for it."""
 from __future__ import annotations
 
 from metrics.recorder import InvocationRecorder
-from proxy.http.client import ModelResponse
+from proxy.http.client import UpstreamResponse
 from proxy.invocation.record import Invocation
 from proxy.invocation.tokens import (
     EVENT_STREAM,
@@ -97,7 +97,8 @@ class StreamedTokens(Observer):
 
     __slots__ = ("_arrivals", "_pending", "_scanned", "_size", "_tokens")
 
-    each_arrival = each_sent = True
+    each_arrival = True
+    each_sent = True
 
     def __init__(self) -> None:
         self._tokens = StreamTokens()
@@ -165,7 +166,7 @@ WHOLE_TOKENS = WholeTokens()
 NOTHING: tuple[Observer, ...] = ()
 
 
-def for_response(response: ModelResponse, record: Invocation, count_tokens: bool) -> tuple[Observer, ...]:
+def for_response(response: UpstreamResponse, record: Invocation, count_tokens: bool) -> tuple[Observer, ...]:
     """The observers of one response: first chunk and gaps for a stream (chunked, or read to the close), its
     tokens for a counted event stream, and the usage object of a counted JSON answer."""
     streamed = response.streamed

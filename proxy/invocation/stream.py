@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from proxy.http.client import ModelResponse
+from proxy.http.client import UpstreamResponse
 from proxy.invocation import observers
 from proxy.invocation.guard import Guard
 from proxy.invocation.headers import response_headers
@@ -17,7 +17,7 @@ from proxy.types import Message, Send
 
 
 async def stream_back(
-    response: ModelResponse, record: Invocation, send: Send, guard: Guard, clock: Callable[[], int], count_tokens: bool
+    response: UpstreamResponse, record: Invocation, send: Send, guard: Guard, clock: Callable[[], int], count_tokens: bool
 ) -> None:
     """The model's response to the client: whole if it is in already, else chunk by chunk as it comes; the
     observers chosen for the response look at each chunk as it passes."""
@@ -44,7 +44,7 @@ async def stream_back(
 
 
 async def _chunks(
-    response: ModelResponse, record: Invocation, send: Send, guard: Guard, clock: Callable[[], int],
+    response: UpstreamResponse, record: Invocation, send: Send, guard: Guard, clock: Callable[[], int],
     start: Message, watching: tuple[observers.Observer, ...], chunk: bytes,
 ) -> int:
     """A response still arriving, chunk by chunk as it comes; the last chunk's arrival. Time blocked in

@@ -38,6 +38,7 @@ from proxy.invocation.tracing import Tracing
 from proxy.invocation.tracing import wanted as tracing_wanted
 from proxy.process.admin import create_admin_app
 from proxy.process.background import Background, Host, Stream, check_regions, endpoint_host
+from proxy.process.build import describe
 from proxy.process.model import ModelProcess, ReadinessGate
 from proxy.process.variant_set import VariantSet, build_variants, component_key, first_ping, recording_units
 from proxy.runtime import api
@@ -384,8 +385,9 @@ def _log_start(settings: Settings) -> None:
         f"endpoint {e.name}: " + ", ".join(f"variant {v.name} -> {', '.join(v.upstreams)}" for v in e.variants) for e in settings.endpoints
     )
     log.info(
-        "proxying %s:%d (%s) with %d worker(s); metrics on %s:%d/metrics; invocations: %s",
+        "proxying %s:%d (%s) with %d worker(s); metrics on %s:%d/metrics; invocations: %s; %s",
         settings.host, settings.port, endpoints, settings.workers, settings.host, settings.metrics_port, Routes(settings.invocation_routes),
+        describe(),
     )
 
 
